@@ -1,0 +1,227 @@
+"""APFormer: a quarter-width CNN U-Net with one pruning transformer stage at 1/8 resolution.
+
+The forward pass is split in two so that a threshold or gate change reruns only what it
+affects: `encode` (CNN encoder, pruning head and the skip halves of the decoder's first
+convolutions, none of which depend on the pruning settings) and `decode` (the transformer
+and the rest of the decoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_apformer.model.attention import LayerTrace, PruningTransformer
+
+INPUT_SIZE = 256
+TOKEN_GRID = 32
+PATCH = INPUT_SIZE // TOKEN_GRID
+TOKENS = TOKEN_GRID * TOKEN_GRID
+BACKGROUND = 0  # channel of the pruning head that holds the background logit
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin: int, cout: int, mid: int | None = None) -> None:
+        super().__init__()
+        mid = mid or cout
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(cin, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(True),
+            nn.Conv2d(mid, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+    def first_conv_part(self, x: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """The first convolution restricted to input channels [first, first + count)."""
+        weight = self.double_conv[0].weight[:, first : first + count]
+        return F.conv2d(x, weight, padding=1)
+
+    def finish(self, first_conv_output: torch.Tensor) -> torch.Tensor:
+        """Everything after the first convolution."""
+        return self.double_conv[1:](first_conv_output)
+
+
+class Down(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(cin, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Bilinear x2, concatenate [skip, upsampled], DoubleConv.
+
+    The first convolution is linear in its input, so conv([skip, up]) = conv_skip(skip) +
+    conv_up(up); the skip part is computed once in `encode` and cached.
+    """
+
+    def __init__(self, cin: int, cout: int, skip_channels: int) -> None:
+        super().__init__()
+        self.skip_channels = skip_channels
+        self.conv = DoubleConv(cin, cout, cin // 2)
+
+    def skip_part(self, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv.first_conv_part(skip, 0, self.skip_channels)
+
+    def forward(self, low: torch.Tensor, skip_part: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(low, scale_factor=2, mode="bilinear", align_corners=True)
+        dy, dx = skip_part.shape[-2] - up.shape[-2], skip_part.shape[-1] - up.shape[-1]
+        if dy or dx:
+            up = F.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        up_part = self.conv.first_conv_part(up, self.skip_channels, up.shape[1])
+        return self.conv.finish(skip_part + up_part)
+
+
+class OutConv(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@dataclass
+class EncodedSlices:
+    """Everything of a forward pass that does not depend on token_threshold or gate."""
+
+    x4: torch.Tensor  # (B, 128, 32, 32)
+    token_logits: torch.Tensor  # (B, 2, 32, 32)
+    skip_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for up2, up3, up4
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.x4, self.token_logits, *self.skip_parts]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def select(self, index: slice | Sequence[int]) -> EncodedSlices:
+        parts = tuple(t[index] for t in self.skip_parts)
+        return EncodedSlices(self.x4[index], self.token_logits[index], parts)  # type: ignore[arg-type]
+
+    @staticmethod
+    def cat(items: Sequence[EncodedSlices]) -> EncodedSlices:
+        parts = tuple(torch.cat([i.skip_parts[k] for i in items]) for k in range(3))
+        return EncodedSlices(
+            torch.cat([i.x4 for i in items]),
+            torch.cat([i.token_logits for i in items]),
+            parts,  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, K, 256, 256)
+    token_logits: torch.Tensor  # (B, 2, 32, 32)
+    keep: torch.Tensor  # (B, 1024) bool
+    layers: list[LayerTrace] = field(default_factory=list)
+
+    @property
+    def kept_dependencies(self) -> torch.Tensor:
+        """(B,) kept (query, key) pairs summed over layers and heads."""
+        return torch.stack([t.kept_dependencies for t in self.layers]).sum(dim=0)
+
+
+class APFormer(nn.Module):
+    """APFormer for `in_channels` input channels and `n_classes` classes (256 x 256 input)."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 9) -> None:
+        super().__init__()
+        self.in_channels, self.n_classes = in_channels, n_classes
+        self.inc = DoubleConv(in_channels, 16)
+        self.down1 = Down(16, 32)
+        self.down2 = Down(32, 64)
+        self.down3 = Down(64, 128)
+        self.trans4 = PruningTransformer(channels=128, grid=TOKEN_GRID)
+        self.conv4 = nn.Conv2d(128, 64, kernel_size=1, bias=False)
+        self.up2 = Up(128, 32, skip_channels=64)
+        self.up3 = Up(64, 16, skip_channels=32)
+        self.up4 = Up(32, 16, skip_channels=16)
+        self.outc = OutConv(16, n_classes)
+        self.default_token_threshold = 0.9
+
+    @property
+    def depth(self) -> int:
+        return len(self.trans4.transformer.layers)
+
+    def encode(self, x: torch.Tensor) -> EncodedSlices:
+        _check_input(x, self.in_channels)
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        skip_parts = (self.up2.skip_part(x3), self.up3.skip_part(x2), self.up4.skip_part(x1))
+        return EncodedSlices(x4, self.trans4.pred_class(x4), skip_parts)
+
+    def decode(
+        self,
+        encoded: EncodedSlices,
+        token_threshold: float | None = None,
+        gate: float | Sequence[float] | None = None,
+        capture: bool = False,
+        content_attention: bool = False,
+    ) -> ModelOutput:
+        keep = self.keep_mask(encoded.token_logits, token_threshold)
+        gates = self.gate_values(gate, encoded.x4)
+        out = self.trans4(encoded.x4, keep, gates, capture, content_attention)
+        y = self.conv4(out.features)
+        y = self.up2(y, encoded.skip_parts[0])
+        y = self.up3(y, encoded.skip_parts[1])
+        y = self.up4(y, encoded.skip_parts[2])
+        return ModelOutput(self.outc(y), encoded.token_logits, keep, out.traces)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        token_threshold: float | None = None,
+        gate: float | Sequence[float] | None = None,
+        capture: bool = False,
+        content_attention: bool = False,
+    ) -> ModelOutput:
+        """x: (B, in_channels, 256, 256) scaled to [0, 1].
+
+        token_threshold: tau_q in (0, 1]; a token whose background probability is >= tau_q is
+        pruned; 1.0 keeps every token. gate: one value for all layers or one per layer.
+        None takes the model's defaults (the checkpoint's own values).
+        """
+        return self.decode(self.encode(x), token_threshold, gate, capture, content_attention)
+
+    def keep_mask(self, token_logits: torch.Tensor, token_threshold: float | None) -> torch.Tensor:
+        tau = self.default_token_threshold if token_threshold is None else token_threshold
+        check_token_threshold(tau)
+        if tau >= 1.0:
+            return torch.ones(token_logits.shape[0], TOKENS, dtype=torch.bool,
+                              device=token_logits.device)  # fmt: skip
+        background = torch.softmax(token_logits, dim=1)[:, BACKGROUND]
+        return (background < tau).flatten(1)
+
+    def gate_values(self, gate: float | Sequence[float] | None, like: torch.Tensor) -> torch.Tensor:
+        """(depth,) gates: the stored ones by default, or one value for all, or one per layer."""
+        if gate is None:
+            values = self.trans4.stored_gates()
+        elif isinstance(gate, int | float):
+            values = [float(gate)] * self.depth
+        else:
+            values = [float(g) for g in gate]
+            if len(values) != self.depth:
+                raise ValueError(f"gate: expected 1 or {self.depth} values, got {len(values)}")
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def check_token_threshold(tau: float) -> None:
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"token_threshold must be in (0, 1], got {tau}")
+
+
+def _check_input(x: torch.Tensor, in_channels: int) -> None:
+    expected = (in_channels, INPUT_SIZE, INPUT_SIZE)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"APFormer expects input of shape (B, {in_channels}, 256, 256), got "
+                         f"{tuple(x.shape)}")  # fmt: skip

@@ -1,0 +1,284 @@
+"""The transformer stage of APFormer: GRPE attention with query-wise and dependency-wise pruning.
+
+Parameter names follow the authors' release so that their state_dicts load unchanged.
+Shapes: B batch, N tokens (32 x 32 = 1024), C width (128), H heads (6), D head width (128),
+n kept queries of an image (padded to the largest n of the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_GATE = -2.0
+GAUSSIAN_WEIGHT = 0.01
+
+
+def relative_position_tables(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index into the bias table and squared normalised distance for every (query, key) pair."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :]
+    dx = xs[:, None] - xs[None, :]
+    index = (dy + grid - 1) * (2 * grid - 1) + (dx + grid - 1)
+    squared_distance = (dy.float() / grid) ** 2 + (dx.float() / grid) ** 2
+    return index, squared_distance
+
+
+@dataclass
+class AttentionRecord:
+    """What one layer did, kept only when capture is on.
+
+    attention: (B, H, N, N) after dependency pruning, zero rows for pruned queries.
+    attention_before: (B, H, N, N) before dependency pruning, zero rows for pruned queries.
+    kept_dependency_fraction: (B, H, N), 0 for pruned queries.
+    """
+
+    attention: torch.Tensor
+    attention_before: torch.Tensor
+    kept_dependency_fraction: torch.Tensor
+
+
+@dataclass
+class LayerTrace:
+    """Per-layer by-products: kept-dependency counts always, the rest on request."""
+
+    kept_dependencies: torch.Tensor  # (B,) number of kept (query, key) pairs over all heads
+    record: AttentionRecord | None = None
+    content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
+
+
+class PruningAttention(nn.Module):
+    """Multi-head attention with Gaussian-prior relative position bias and adaptive pruning."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, grid: int, dropout: float) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        self.headsita = nn.Parameter(0.1 * torch.arange(1, heads + 1, dtype=torch.float32))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2, heads))
+        self.gate = nn.Parameter(torch.tensor(DEFAULT_GATE), requires_grad=False)
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.thresh_for_kv = nn.Linear(dim_head, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        index, squared_distance = relative_position_tables(grid)
+        self.register_buffer("relative_position_index", index, persistent=False)
+        self.register_buffer("squared_distance", squared_distance, persistent=False)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def position_bias(self) -> torch.Tensor:
+        """(H, N, N) learned relative bias plus the weighted Gaussian prior.
+
+        It depends on parameters only, so outside autograd it is built once per parameter
+        version and reused.
+        """
+        table, sigma = self.relative_position_bias_table, self.headsita
+        key = (table._version, sigma._version, table.data_ptr(), sigma.data_ptr(), table.dtype)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._bias_cache is not None and self._bias_cache[0] == key:
+            return self._bias_cache[1]
+        learned = table[self.relative_position_index].permute(2, 0, 1)
+        denominator = 2 * sigma[:, None, None] ** 2 + 1e-6
+        gaussian = torch.exp(-self.squared_distance[None] / denominator)
+        bias = (learned + GAUSSIAN_WEIGHT * gaussian).contiguous()
+        self._bias_cache = (key, bias) if cacheable else None
+        return bias
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_index: torch.Tensor,
+        query_valid: torch.Tensor,
+        gate: torch.Tensor,
+        capture: bool = False,
+        content_attention: bool = False,
+    ) -> tuple[torch.Tensor, LayerTrace]:
+        """Attention output for kept queries only, scattered to (B, N, C) with zeros elsewhere.
+
+        query_index: (B, n) token index of each kept query; query_valid: (B, n) False on padding.
+        gate: scalar tensor, the dependency gate of this layer.
+        """
+        batch, tokens, _ = x.shape
+        heads, dim_head = self.heads, self.dim_head
+        inner = heads * dim_head
+        n = query_index.shape[1]
+        weight = self.to_qkv.weight
+        kv = F.linear(x, weight[inner:]).view(batch, tokens, 2, heads, dim_head)
+        k = kv[:, :, 0].transpose(1, 2)  # (B, H, N, D)
+        v = kv[:, :, 1].transpose(1, 2)
+        x_kept = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))
+        q = F.linear(x_kept, weight[:inner]).view(batch, n, heads, dim_head).transpose(1, 2)
+
+        bias = self.position_bias()  # (H, N, N)
+        bias_rows = bias[:, query_index].transpose(0, 1)  # (B, H, n, N)
+        scores = torch.baddbmm(
+            bias_rows.reshape(batch * heads, n, tokens),
+            q.reshape(batch * heads, n, dim_head),
+            k.reshape(batch * heads, tokens, dim_head).transpose(1, 2),
+            alpha=self.scale,
+        ).view(batch, heads, n, tokens)
+        attention = torch.softmax(scores, dim=-1)
+        del scores
+
+        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (B, H, n, 1)
+        low, high = torch.aminmax(attention, dim=-1, keepdim=True)
+        threshold = low + ratio * (high - low)
+        keep_dependency = attention > threshold
+        pruned = attention * keep_dependency
+        pruned = pruned / (pruned.sum(dim=-1, keepdim=True) + 1e-6)
+
+        out = torch.matmul(pruned, v).transpose(1, 2).reshape(batch, n, inner)
+        result = scatter_queries(self.to_out(out), query_index, query_valid, tokens)
+
+        kept_per_query = keep_dependency.sum(dim=-1) * query_valid[:, None, :]  # (B, H, n)
+        trace = LayerTrace(kept_dependencies=kept_per_query.sum(dim=(1, 2)))
+        if capture:
+            trace.record = self._record(pruned, attention, kept_per_query, query_index, query_valid)
+        if content_attention:
+            trace.content_attention = torch.softmax(
+                torch.matmul(self._all_queries(x), k.transpose(-1, -2)) * self.scale, dim=-1
+            )
+        return result, trace
+
+    def _all_queries(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q = F.linear(x, self.to_qkv.weight[: self.heads * self.dim_head])
+        return q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
+
+    @staticmethod
+    def _record(
+        pruned: torch.Tensor,
+        attention: torch.Tensor,
+        kept_per_query: torch.Tensor,
+        query_index: torch.Tensor,
+        query_valid: torch.Tensor,
+    ) -> AttentionRecord:
+        tokens = attention.shape[-1]
+
+        def to_grid(values: torch.Tensor) -> torch.Tensor:  # (B, H, n, ...) -> (B, H, N, ...)
+            moved = values.transpose(1, 2)
+            return scatter_queries(moved, query_index, query_valid, tokens).transpose(1, 2)
+
+        fraction = kept_per_query.to(attention.dtype) / tokens
+        return AttentionRecord(
+            attention=to_grid(pruned),
+            attention_before=to_grid(attention),
+            kept_dependency_fraction=to_grid(fraction),
+        )
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, dim), nn.Dropout(dropout),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    """Pre-norm layers: x += Attn(LN(x)); x += FFN(LN(x))."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp: int, grid: int,
+                 dropout: float) -> None:  # fmt: skip
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                PreNorm(dim, PruningAttention(dim, heads, dim_head, grid, dropout)),
+                PreNorm(dim, FeedForward(dim, mlp, dropout)),
+            ])
+            for _ in range(depth)
+        )  # fmt: skip
+
+
+class PatchTokens(nn.Module):
+    """(B, C, h, w) feature map to (B, h*w, C) tokens, patch size 1 (row-major token order)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+@dataclass
+class TransformerOutput:
+    features: torch.Tensor  # (B, C, h, w)
+    traces: list[LayerTrace]
+
+
+class PruningTransformer(nn.Module):
+    """trans4 of the release: pruning head, token embedding and the pruned transformer."""
+
+    def __init__(self, channels: int = 128, grid: int = 32, depth: int = 4, heads: int = 6,
+                 dim_head: int = 128, mlp: int = 512, dropout: float = 0.1) -> None:  # fmt: skip
+        super().__init__()
+        self.grid = grid
+        self.pred_class = nn.Conv2d(channels, 2, kernel_size=1)
+        self.to_patch_embedding = nn.Sequential(PatchTokens(), nn.Linear(channels, channels))
+        self.dropout = nn.Dropout(dropout)
+        self.transformer = Transformer(channels, depth, heads, dim_head, mlp, grid, dropout)
+
+    @property
+    def attention_layers(self) -> list[PruningAttention]:
+        return [attn.fn for attn, _ in self.transformer.layers]
+
+    def stored_gates(self) -> list[float]:
+        return [float(layer.gate) for layer in self.attention_layers]
+
+    def forward(
+        self,
+        x4: torch.Tensor,
+        keep: torch.Tensor,
+        gates: torch.Tensor,
+        capture: bool = False,
+        content_attention: bool = False,
+    ) -> TransformerOutput:
+        """keep: (B, N) bool kept queries; gates: (depth,) gate per layer."""
+        batch, channels, height, width = x4.shape
+        query_index, query_valid = kept_query_index(keep)
+        tokens = self.dropout(self.to_patch_embedding(x4))
+        traces = []
+        for (attn, ffn), gate in zip(self.transformer.layers, gates, strict=True):
+            if query_index.shape[1] > 0:
+                update, trace = attn.fn(attn.norm(tokens), query_index, query_valid, gate,
+                                        capture, content_attention)  # fmt: skip
+                tokens = tokens + update
+            else:
+                trace = LayerTrace(kept_dependencies=keep.new_zeros(batch, dtype=torch.long))
+            tokens = tokens + ffn.fn(ffn.norm(tokens))
+            traces.append(trace)
+        features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+        return TransformerOutput(features=features, traces=traces)
+
+
+def scatter_queries(
+    values: torch.Tensor, query_index: torch.Tensor, query_valid: torch.Tensor, tokens: int
+) -> torch.Tensor:
+    """(B, n, ...) rows of kept queries to (B, N, ...) with zeros for pruned tokens.
+
+    Padding rows go to a spare row N that is dropped, so no two writes share an index.
+    """
+    rows = torch.where(query_valid, query_index, tokens)
+    rows = rows.view(*rows.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    full = values.new_zeros(values.shape[0], tokens + 1, *values.shape[2:])
+    return full.scatter_(1, rows, values)[:, :tokens]
+
+
+def kept_query_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) bool to (B, n) indices of kept tokens in order, padded, and the (B, n) valid mask."""
+    counts = keep.sum(dim=1)
+    n = int(counts.max()) if keep.numel() else 0
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=keep.device)[None, :] < counts[:, None]
+    return order * valid, valid
