@@ -51,6 +51,42 @@ class LayerTrace:
     content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
 
 
+@dataclass
+class PrunedAttention:
+    """A' = weights / normaliser: attention after dependency pruning, without the division."""
+
+    weights: torch.Tensor  # (B, H, n, N)
+    normaliser: torch.Tensor  # (B, H, n, 1)
+    kept_per_query: torch.Tensor  # (B, H, n) kept dependencies of each query
+    before: torch.Tensor | None  # (B, H, n, N) attention before pruning, on request
+
+
+def prune_dependencies(
+    scores: torch.Tensor, ratio: torch.Tensor, keep_before: bool = False
+) -> PrunedAttention:
+    """Softmax over keys, then keep A_ij > min_i A + ratio_i (max_i A - min_i A), renormalised.
+
+    Computed on w = exp(S - max S) (the softmax before its division by Z) so that it takes few
+    passes over the large n x N tensor:
+    A_ij > t_i  <=>  w_ij > c_i = f_i + r_i (1 - f_i),  f_i = exp(min S - max S);
+    A'_ij = A_ij M_ij / (sum_k A_ik M_ik + 1e-6) = w_ij M_ij / (sum_k w_ik M_ik + 1e-6 Z).
+    The comparison stays a plain comparison: rescaling w first would move ties by an ulp and
+    flip dependencies against the release. Without autograd the scores are overwritten.
+    """
+    inplace = not torch.is_grad_enabled()
+    high = scores.amax(dim=-1, keepdim=True)
+    floor = torch.exp(scores.amin(dim=-1, keepdim=True) - high)
+    weights = scores.sub_(high).exp_() if inplace else torch.exp(scores - high)
+    total = weights.sum(dim=-1, keepdim=True)
+    before = weights / total if keep_before else None
+    cut = floor + ratio * (1 - floor)
+    mask = torch.gt(weights.detach(), cut.detach(), out=torch.empty_like(weights.detach()))
+    weights = weights.mul_(mask) if inplace else weights * mask
+    normaliser = weights.sum(dim=-1, keepdim=True) + 1e-6 * total
+    kept_per_query = mask.sum(dim=-1).to(torch.int32)
+    return PrunedAttention(weights, normaliser, kept_per_query, before)
+
+
 class PruningAttention(nn.Module):
     """Multi-head attention with Gaussian-prior relative position bias and adaptive pruning."""
 
@@ -112,36 +148,45 @@ class PruningAttention(nn.Module):
         x_kept = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         q = F.linear(x_kept, weight[:inner]).view(batch, n, heads, dim_head).transpose(1, 2)
 
-        bias = self.position_bias()  # (H, N, N)
-        bias_rows = bias[:, query_index].transpose(0, 1)  # (B, H, n, N)
-        scores = torch.baddbmm(
-            bias_rows.reshape(batch * heads, n, tokens),
-            q.reshape(batch * heads, n, dim_head),
-            k.reshape(batch * heads, tokens, dim_head).transpose(1, 2),
-            alpha=self.scale,
-        ).view(batch, heads, n, tokens)
-        attention = torch.softmax(scores, dim=-1)
-        del scores
-
+        scores = self._scores(q, k, query_index, query_valid)  # (B, H, n, N)
         ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (B, H, n, 1)
-        low, high = torch.aminmax(attention, dim=-1, keepdim=True)
-        threshold = low + ratio * (high - low)
-        keep_dependency = attention > threshold
-        pruned = attention * keep_dependency
-        pruned = pruned / (pruned.sum(dim=-1, keepdim=True) + 1e-6)
-
-        out = torch.matmul(pruned, v).transpose(1, 2).reshape(batch, n, inner)
+        pruned = prune_dependencies(scores, ratio, keep_before=capture)
+        del scores
+        kept_per_query = pruned.kept_per_query * query_valid[:, None]
+        out = torch.matmul(pruned.weights, v) / pruned.normaliser
+        out = out.transpose(1, 2).reshape(batch, n, inner)
         result = scatter_queries(self.to_out(out), query_index, query_valid, tokens)
 
-        kept_per_query = keep_dependency.sum(dim=-1) * query_valid[:, None, :]  # (B, H, n)
         trace = LayerTrace(kept_dependencies=kept_per_query.sum(dim=(1, 2)))
         if capture:
-            trace.record = self._record(pruned, attention, kept_per_query, query_index, query_valid)
+            trace.record = self._record(pruned.weights / pruned.normaliser, pruned.before,
+                                        kept_per_query, query_index, query_valid)  # fmt: skip
         if content_attention:
             trace.content_attention = torch.softmax(
                 torch.matmul(self._all_queries(x), k.transpose(-1, -2)) * self.scale, dim=-1
             )
         return result, trace
+
+    def _scores(
+        self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor, query_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Q K^T / sqrt(D) + position bias for the kept queries: (B, H, n, N)."""
+        batch, heads, n, dim_head = q.shape
+        tokens = k.shape[2]
+        bias = self.position_bias()
+        if batch == 1 and n == tokens:  # nothing pruned: the bias needs no gathering
+            bias_rows = bias
+        elif batch == 1:
+            bias_rows = bias.index_select(1, query_index[0])
+        else:
+            bias_rows = bias[:, query_index].transpose(0, 1).reshape(batch * heads, n, tokens)
+        scores = torch.baddbmm(
+            bias_rows,
+            q.reshape(batch * heads, n, dim_head),
+            k.reshape(batch * heads, tokens, dim_head).transpose(1, 2),
+            alpha=self.scale,
+        )
+        return scores.view(batch, heads, n, tokens)
 
     def _all_queries(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
