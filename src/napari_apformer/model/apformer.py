@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_apformer.model.card import ModelCard
 from napari_apformer.model.attention import LayerTrace, PruningTransformer
 
 INPUT_SIZE = 256
@@ -146,6 +147,7 @@ class APFormer(nn.Module):
         self.up4 = Up(32, 16, skip_channels=16)
         self.outc = OutConv(16, n_classes)
         self.default_token_threshold = 0.9
+        self.card: ModelCard | None = None  # set by load_model
 
     @property
     def depth(self) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_GATE = -2.0
+CPU_SCORE_BYTES = 24 * 2**20  # glibc reuses freed blocks below 32 MiB; larger ones fault anew
 GAUSSIAN_WEIGHT = 0.01
 
 
@@ -34,21 +35,29 @@ class AttentionRecord:
 
     attention: (B, H, N, N) after dependency pruning, zero rows for pruned queries.
     attention_before: (B, H, N, N) before dependency pruning, zero rows for pruned queries.
-    kept_dependency_fraction: (B, H, N), 0 for pruned queries.
     """
 
     attention: torch.Tensor
     attention_before: torch.Tensor
-    kept_dependency_fraction: torch.Tensor
 
 
 @dataclass
 class LayerTrace:
     """Per-layer by-products: kept-dependency counts always, the rest on request."""
 
-    kept_dependencies: torch.Tensor  # (B,) number of kept (query, key) pairs over all heads
+    kept_per_query: torch.Tensor  # (B, H, N) int32 keys kept by each query, 0 for pruned queries
     record: AttentionRecord | None = None
     content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
+
+    @property
+    def kept_dependencies(self) -> torch.Tensor:
+        """(B,) kept (query, key) pairs over all heads."""
+        return self.kept_per_query.sum(dim=(1, 2), dtype=torch.int64)
+
+    @property
+    def kept_dependency_fraction(self) -> torch.Tensor:
+        """(B, H, N) fraction of the keys each query kept, 0 for pruned queries."""
+        return self.kept_per_query.float() / self.kept_per_query.shape[-1]
 
 
 @dataclass
@@ -148,29 +157,52 @@ class PruningAttention(nn.Module):
         x_kept = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         q = F.linear(x_kept, weight[:inner]).view(batch, n, heads, dim_head).transpose(1, 2)
 
-        scores = self._scores(q, k, query_index, query_valid)  # (B, H, n, N)
-        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (B, H, n, 1)
-        pruned = prune_dependencies(scores, ratio, keep_before=capture)
-        del scores
-        kept_per_query = pruned.kept_per_query * query_valid[:, None]
-        out = torch.matmul(pruned.weights, v) / pruned.normaliser
-        out = out.transpose(1, 2).reshape(batch, n, inner)
+        chunk = batch
+        if x.device.type == "cpu":  # keep each score tensor small enough for malloc to reuse
+            chunk = max(1, CPU_SCORE_BYTES // max(1, heads * n * tokens * x.element_size()))
+        parts = [
+            self._attend(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk],
+                         query_index[i : i + chunk], gate, capture)  # fmt: skip
+            for i in range(0, batch, chunk)
+        ]
+        out = torch.cat([p[0] for p in parts]).transpose(1, 2).reshape(batch, n, inner)
         result = scatter_queries(self.to_out(out), query_index, query_valid, tokens)
 
-        trace = LayerTrace(kept_dependencies=kept_per_query.sum(dim=(1, 2)))
+        to_grid = _query_rows_to_grid(query_index, query_valid, tokens)
+        trace = LayerTrace(kept_per_query=to_grid(torch.cat([p[1].kept_per_query for p in parts])))
         if capture:
-            trace.record = self._record(pruned.weights / pruned.normaliser, pruned.before,
-                                        kept_per_query, query_index, query_valid)  # fmt: skip
+            trace.record = AttentionRecord(
+                attention=to_grid(torch.cat([p[1].weights / p[1].normaliser for p in parts])),
+                attention_before=to_grid(torch.cat([p[1].before for p in parts])),
+            )
         if content_attention:
             trace.content_attention = torch.softmax(
                 torch.matmul(self._all_queries(x), k.transpose(-1, -2)) * self.scale, dim=-1
             )
         return result, trace
 
-    def _scores(
-        self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor, query_valid: torch.Tensor
-    ) -> torch.Tensor:
-        """Q K^T / sqrt(D) + position bias for the kept queries: (B, H, n, N)."""
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        query_index: torch.Tensor,
+        gate: torch.Tensor,
+        capture: bool,
+    ) -> tuple[torch.Tensor, PrunedAttention]:
+        """(b, H, n, D) attention output of kept queries, before to_out, and the pruning."""
+        scores = self._scores(q, k, query_index)
+        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (b, H, n, 1)
+        pruned = prune_dependencies(scores, ratio, keep_before=capture)
+        del scores
+        out = torch.matmul(pruned.weights, v) / pruned.normaliser
+        if not capture:  # the weights are large; keep only what is needed
+            pruned = PrunedAttention(pruned.weights[..., :0], pruned.normaliser,
+                                     pruned.kept_per_query, None)  # fmt: skip
+        return out, pruned
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """Q K^T / sqrt(D) + position bias for the kept queries: (b, H, n, N)."""
         batch, heads, n, dim_head = q.shape
         tokens = k.shape[2]
         bias = self.position_bias()
@@ -193,26 +225,15 @@ class PruningAttention(nn.Module):
         q = F.linear(x, self.to_qkv.weight[: self.heads * self.dim_head])
         return q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
 
-    @staticmethod
-    def _record(
-        pruned: torch.Tensor,
-        attention: torch.Tensor,
-        kept_per_query: torch.Tensor,
-        query_index: torch.Tensor,
-        query_valid: torch.Tensor,
-    ) -> AttentionRecord:
-        tokens = attention.shape[-1]
 
-        def to_grid(values: torch.Tensor) -> torch.Tensor:  # (B, H, n, ...) -> (B, H, N, ...)
-            moved = values.transpose(1, 2)
-            return scatter_queries(moved, query_index, query_valid, tokens).transpose(1, 2)
+def _query_rows_to_grid(query_index: torch.Tensor, query_valid: torch.Tensor, tokens: int):
+    """A function taking (B, H, n, ...) per kept query to (B, H, N, ...), zeros elsewhere."""
 
-        fraction = kept_per_query.to(attention.dtype) / tokens
-        return AttentionRecord(
-            attention=to_grid(pruned),
-            attention_before=to_grid(attention),
-            kept_dependency_fraction=to_grid(fraction),
-        )
+    def to_grid(values: torch.Tensor) -> torch.Tensor:
+        moved = values.transpose(1, 2)
+        return scatter_queries(moved, query_index, query_valid, tokens).transpose(1, 2)
+
+    return to_grid
 
 
 class PreNorm(nn.Module):
@@ -300,7 +321,9 @@ class PruningTransformer(nn.Module):
                                         capture, content_attention)  # fmt: skip
                 tokens = tokens + update
             else:
-                trace = LayerTrace(kept_dependencies=keep.new_zeros(batch, dtype=torch.long))
+                heads = attn.fn.heads
+                trace = LayerTrace(kept_per_query=torch.zeros(batch, heads, keep.shape[1],
+                                                              dtype=torch.int32, device=keep.device))
             tokens = tokens + ffn.fn(ffn.norm(tokens))
             traces.append(trace)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)

@@ -1,0 +1,209 @@
+"""apformer predict | info: the command line, wired to the same engine as the widget."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_apformer import __version__
+from napari_apformer.errors import InputError
+from napari_apformer.io.files import compound_suffix, stem_of
+from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
+from napari_apformer.io.geometry import SLICE_AXES
+
+OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".png", ".tif", ".tiff")
+LABEL_STEM_SUFFIX = "_seg"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as error:
+        print(f"apformer: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("apformer: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apformer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"napari-apformer {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    predict = commands.add_parser("predict", help="segment image files and folders")
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                         help=f"files ({', '.join(READABLE_SUFFIXES)}) or folders of them")
+    predict.add_argument("-o", "--output", type=Path, required=True,
+                         help="output folder, or a file name when there is one input file")
+    add_model_options(predict)
+    predict.add_argument("--token-threshold", type=float, default=None,
+                         help="tau_q in (0, 1]: prune tokens whose background probability is at "
+                         "least this; 1 keeps all (default: the weights' own)")
+    predict.add_argument("--gate", type=parse_gate, default=None,
+                         help="dependency gate, one value or one per layer separated by commas "
+                         "(default: the weights' own)")
+    predict.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
+    predict.add_argument("--axis", default="axial",
+                         help="slice direction of volumes: axial, coronal or sagittal (NIfTI, "
+                         "in RAS order), or an array axis 0, 1 or 2 (default axial; axis 0 "
+                         "for TIFF stacks)")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.set_defaults(run=run_predict)
+
+    info = commands.add_parser("info", help="weights, devices and versions")
+    add_model_options(info)
+    info.set_defaults(run=run_info)
+    return parser
+    # fmt: skip
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", default=None,
+                        help="shipped weights name or a .safetensors/.pth file (default: the "
+                        "shipped default)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N], mps")
+
+
+def parse_gate(text: str) -> float | list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or list of numbers: {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
+    """Model and engine (imports torch, so only when a command needs them)."""
+    from napari_apformer.engine.inference import Segmenter
+    from napari_apformer.model import load_model
+    from napari_apformer.weights import resolve_weights
+
+    path = resolve_weights(args.weights)
+    segmenter = Segmenter(load_model(path), device=args.device, batch_size=batch_size)
+    card = segmenter.card
+    if card.placeholder:
+        print(f"apformer: warning: '{card.name}' are randomly initialised placeholder weights; "
+              "their labels mean nothing", file=sys.stderr)  # fmt: skip
+    return segmenter
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and is_readable_name(p)
+                           and not p.name.startswith(".")
+                           and not stem_of(p).endswith(LABEL_STEM_SUFFIX))  # fmt: skip
+            if not found:
+                raise InputError(f"no readable images ({', '.join(READABLE_SUFFIXES)})", item)
+            files += found
+        elif not item.exists():
+            raise InputError("file not found", item)
+        elif not is_readable_name(item):
+            raise InputError(f"unsupported file type; expected {', '.join(READABLE_SUFFIXES)}",
+                             item)  # fmt: skip
+        else:
+            files.append(item)
+    return files
+
+
+def output_path_for(source: Path, output: Path, single: bool) -> Path:
+    from napari_apformer.io.formats import label_suffix_for
+
+    if single and compound_suffix(output) in OUTPUT_SUFFIXES:
+        return output
+    return output / f"{stem_of(source)}{LABEL_STEM_SUFFIX}{label_suffix_for(source)}"
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    files = collect_inputs(args.inputs)
+    outputs = [output_path_for(f, args.output, len(files) == 1) for f in files]
+    if len(set(outputs)) < len(outputs):
+        raise InputError("two inputs would write the same output name; give them separate runs")
+    segmenter = load_segmenter(args, args.batch_size)
+    failed = 0
+    for source, target in zip(files, outputs, strict=True):
+        try:
+            predict_file(segmenter, source, target, args)
+        except InputError as error:
+            failed += 1
+            print(f"apformer: error: {error}", file=sys.stderr)
+    if failed:
+        print(f"apformer: {failed} of {len(files)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from napari_apformer.io.formats import read_image_file, write_class_table, write_labels
+
+    if target.exists() and not args.overwrite:
+        raise InputError("output exists; use --overwrite to replace it", target)
+    if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
+        raise InputError("NIfTI labels must be written as .nii or .nii.gz to keep their "
+                         "geometry", target)  # fmt: skip
+    image_file = read_image_file(source)
+    axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
+    image = segmenter.prepare(image_file.data, rgb=image_file.rgb, axis=axis,
+                              spacing=image_file.spacing, source=source)  # fmt: skip
+    if image.is_volume and compound_suffix(target) == ".png":
+        raise InputError("PNG holds 2D labels only; write volumes as .tif or .nii.gz", target)
+    job = segmenter.start(image, token_threshold=args.token_threshold, gate=args.gate)
+    with tqdm(total=job.total, desc=source.name, unit="slice", leave=False,
+              file=sys.stderr) as bar:  # fmt: skip
+        for progress in job:
+            bar.update(progress.done - bar.n)
+    result = job.result
+    write_labels(target, result.labels, image_file)
+    write_class_table(target, class_table(segmenter, result))
+    print(f"{target}: {result.stats.summary()}")
+
+
+def class_table(segmenter, result) -> dict:
+    card = segmenter.card
+    return {
+        "labels": [{"value": c.value, "name": c.name, "colour": c.colour} for c in card.classes],
+        "weights": card.name,
+        "weights_sha256": card.sha256,
+        "token_threshold": result.token_threshold,
+        "gates": result.gates,
+        "generator": f"napari-apformer {__version__}",
+    }
+
+
+def slice_axis(axis: str, is_nifti: bool, source: Path) -> int:
+    if axis in SLICE_AXES:
+        return SLICE_AXES[axis] if is_nifti else 0
+    if axis in ("0", "1", "2"):
+        return int(axis)
+    raise InputError(f"--axis must be axial, coronal, sagittal, 0, 1 or 2, not {axis!r}", source)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_apformer.engine.device import available_devices, resolve_device
+    from napari_apformer.weights import resolve_weights, shipped_weights
+
+    segmenter = load_segmenter(args)
+    card = segmenter.card
+    print(f"napari-apformer {__version__}, Python {platform.python_version()}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    print(f"weights: {card.name} ({resolve_weights(args.weights)})")
+    print(f"  classes: {', '.join(card.class_names)}; input channels: {card.in_channels}")
+    print(f"  token threshold {card.token_threshold}, gates {card.gates}"
+          + ("; PLACEHOLDER (random)" if card.placeholder else ""))  # fmt: skip
+    print(f"shipped weights: {', '.join(shipped_weights()) or 'none'}")
+    print(f"devices: {', '.join(available_devices())}; selected: {resolve_device(args.device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image arrays in, segmentation results out: preprocessing, cache, batches, statistics."""

@@ -1,0 +1,252 @@
+"""The one place that turns an image array into segmentation results.
+
+    segmenter = Segmenter(load_model(path), device="auto")
+    image = segmenter.prepare(array, axis=2, spacing=(1, 1, 1), source=path)
+    job = segmenter.start(image)          # an iterator: one Progress per batch; stop to cancel
+    for progress in job: ...
+    result = job.result
+
+Encoder features are cached per slice, keyed by the weights and the exact model input, so a
+rerun with another token_threshold or gate computes only the transformer and the decoder.
+Runs of more slices than one batch read the cache but do not fill it (a volume would only
+push out the slices being looked at).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from napari_apformer.engine.cache import ByteLRU
+from napari_apformer.engine.device import resolve_device
+from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
+from napari_apformer.engine.stats import RunStats, decoder_flops, encoder_flops, slice_flops
+from napari_apformer.errors import InputError
+from napari_apformer.model.apformer import (
+    BACKGROUND, TOKEN_GRID, TOKENS, APFormer, EncodedSlices, check_token_threshold,
+)  # fmt: skip
+from napari_apformer.model.attention import AttentionRecord
+from napari_apformer.model.card import ModelCard
+
+DEFAULT_CACHE_BYTES = 512 * 2**20
+CPU_BATCH = 2  # on the CPU larger batches only add memory traffic (benchmarks/bench_inference.py)
+
+
+@dataclass
+class Progress:
+    done: int  # slices finished
+    total: int
+
+
+@dataclass
+class SegmentationResult:
+    """Labels on the image's own grid and, per processed slice, what the pruning did.
+
+    Per-slice arrays follow the order of `slices`; token maps are on the 32 x 32 grid (use
+    `letterbox.token_grid_to_image` or its token_scale/token_translate to place them).
+    """
+
+    labels: np.ndarray  # uint8 on the image's spatial shape (slices not processed stay 0)
+    slices: list[int]
+    keep: np.ndarray  # (S, 32, 32) bool
+    background_probability: np.ndarray  # (S, 32, 32) from the pruning head
+    kept_dependency_fraction: np.ndarray  # (S, 32, 32) mean over layers and heads; 0 if pruned
+    letterbox: Letterbox
+    stats: RunStats
+    token_threshold: float
+    gates: list[float]
+    probabilities: np.ndarray | None = None  # (K, *spatial shape) float32, on request
+    attention: dict[int, list[AttentionRecord]] = field(default_factory=dict)  # captured slices
+
+
+class SegmentationJob:
+    """Iterate to run: yields Progress after each batch. `result` is allocated at the start and
+    filled batch by batch; `done` says whether every slice is in it. Stop iterating to cancel.
+    """
+
+    def __init__(self, result: SegmentationResult, steps: Iterator[Progress]) -> None:
+        self.result, self._steps, self.done = result, steps, False
+
+    @property
+    def total(self) -> int:
+        return len(self.result.slices)
+
+    def __iter__(self) -> SegmentationJob:
+        return self
+
+    def __next__(self) -> Progress:
+        try:
+            return next(self._steps)
+        except StopIteration:
+            self.done = True
+            raise
+
+    def finish(self) -> SegmentationResult:
+        for _ in self:
+            pass
+        return self.result
+
+
+class Segmenter:
+    def __init__(
+        self,
+        model: APFormer,
+        device: str | torch.device = "auto",
+        batch_size: int = 8,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.card = model.card or ModelCard.generic("unnamed", model.in_channels, model.n_classes)
+        self.batch_size = batch_size if self.device.type != "cpu" else min(batch_size, CPU_BATCH)
+        self.encoder_cache: ByteLRU[EncodedSlices] = ByteLRU(cache_bytes)
+        self._weights_key = self.card.sha256 or f"model-{id(model)}"
+        self._encoder_flops = encoder_flops(model)
+        self._unpruned_flops = slice_flops(model, TOKENS)
+
+    def prepare(
+        self,
+        data: np.ndarray,
+        *,
+        rgb: bool = False,
+        axis: int = 0,
+        spacing: tuple[float, ...] | None = None,
+        source: object = None,
+    ) -> PreparedImage:
+        return prepare_image(data, in_channels=self.model.in_channels,
+                             normalisation=self.card.normalisation, rgb=rgb, axis=axis,
+                             spacing=spacing, source=source)  # fmt: skip
+
+    def segment(self, image: PreparedImage, **settings) -> SegmentationResult:
+        """Run `start(image, **settings)` to the end."""
+        return self.start(image, **settings).finish()
+
+    def start(
+        self,
+        image: PreparedImage,
+        *,
+        slices: Sequence[int] | None = None,
+        token_threshold: float | None = None,
+        gate: float | Sequence[float] | None = None,
+        probabilities: bool = False,
+        capture_slices: Sequence[int] = (),
+    ) -> SegmentationJob:
+        """A job over `slices` (default: all). Settings default to the weights' own values.
+
+        capture_slices: slices whose full attention maps are kept (about 200 MB each).
+        """
+        chosen = list(range(image.n_slices)) if slices is None else [int(i) for i in slices]
+        if any(not 0 <= i < image.n_slices for i in chosen):
+            raise InputError(f"slice index out of range 0..{image.n_slices - 1}", image.source)
+        tau = self.model.default_token_threshold if token_threshold is None else token_threshold
+        check_token_threshold(tau)
+        gates = self.model.gate_values(gate, torch.empty(0)).tolist()
+        n_classes, count = self.model.n_classes, len(chosen)
+        grid = (count, TOKEN_GRID, TOKEN_GRID)
+        result = SegmentationResult(
+            labels=np.zeros(image.spatial_shape, np.uint8 if n_classes <= 256 else np.uint16),
+            slices=chosen,
+            keep=np.zeros(grid, dtype=bool),
+            background_probability=np.zeros(grid, np.float32),
+            kept_dependency_fraction=np.zeros(grid, np.float32),
+            letterbox=image.letterbox,
+            stats=RunStats(device=str(self.device)),
+            token_threshold=tau,
+            gates=gates,
+            probabilities=(np.zeros((n_classes, *image.spatial_shape), np.float32)
+                           if probabilities else None),  # fmt: skip
+        )
+        captured = set(capture_slices) & set(chosen)
+        return SegmentationJob(result, self._steps(image, result, captured))
+
+    def _steps(
+        self, image: PreparedImage, result: SegmentationResult, captured: set[int]
+    ) -> Iterator[Progress]:
+        started = time.perf_counter()
+        fill_cache = len(result.slices) <= self.batch_size
+        plain = [i for i in result.slices if i not in captured]
+        batches = [plain[k : k + self.batch_size] for k in range(0, len(plain), self.batch_size)]
+        batches += [[i] for i in result.slices if i in captured]  # full attention maps are large
+        position = {index: k for k, index in enumerate(result.slices)}
+        done = 0
+        for batch in batches:
+            with torch.inference_mode():
+                self._run_batch(image, batch, batch[0] in captured, fill_cache, result, position)
+            done += len(batch)
+            result.stats.seconds = time.perf_counter() - started
+            yield Progress(done, len(result.slices))
+
+    def _encode(self, inputs: torch.Tensor, fill_cache: bool) -> tuple[EncodedSlices, list[bool]]:
+        """Encoder features for a batch, from the cache where present; which slices were hits."""
+        keys = [(self._weights_key, str(self.device),
+                 hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest())
+                for x in inputs]  # fmt: skip
+        found = [self.encoder_cache.get(key) for key in keys]
+        missing = [k for k, item in enumerate(found) if item is None]
+        hits = [item is not None for item in found]
+        fresh = self.model.encode(inputs[missing].to(self.device)) if missing else None
+        for j, k in enumerate(missing):
+            found[k] = fresh.select([j])  # a copy: the batch tensors are not kept alive
+            if fill_cache:
+                self.encoder_cache.put(keys[k], found[k], found[k].nbytes())
+        if fresh is not None and len(missing) == len(found):
+            return fresh, hits
+        return EncodedSlices.cat(found), hits  # type: ignore[arg-type]
+
+    def _run_batch(
+        self,
+        image: PreparedImage,
+        batch: list[int],
+        capture: bool,
+        fill_cache: bool,
+        result: SegmentationResult,
+        position: dict[int, int],
+    ) -> None:
+        box = image.letterbox
+        pixels = torch.from_numpy(np.stack([image.slice_input(i) for i in batch]))
+        encoded, hits = self._encode(box.to_model(pixels), fill_cache)
+        out = self.model.decode(encoded, result.token_threshold, result.gates, capture=capture)
+        logits = box.to_image(out.logits).float()
+        slice_labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        probs = torch.softmax(logits, dim=1).cpu().numpy() if result.probabilities is not None else None
+        keep = out.keep.cpu()
+        background = torch.softmax(out.token_logits.float(), dim=1)[:, BACKGROUND].cpu()
+        per_layer = torch.stack([t.kept_dependency_fraction for t in out.layers])  # (L, B, H, N)
+        dependency_map = per_layer.mean(dim=(0, 2)).cpu()
+        kept_dependencies = out.kept_dependencies.cpu()
+        depth, heads = per_layer.shape[0], per_layer.shape[2]
+
+        labels = np.moveaxis(result.labels, image.axis, 0) if image.is_volume else result.labels[None]
+        probs_out = None
+        if probs is not None:
+            probs_out = (np.moveaxis(result.probabilities, image.axis + 1, 1)
+                         if image.is_volume else result.probabilities[:, None])  # fmt: skip
+        stats = result.stats
+        for j, index in enumerate(batch):
+            k = position[index]
+            labels[index if image.is_volume else 0] = slice_labels[j]
+            if probs_out is not None:
+                probs_out[:, index if image.is_volume else 0] = probs[j]
+            result.keep[k] = keep[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+            result.background_probability[k] = background[j].numpy()
+            result.kept_dependency_fraction[k] = dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+            kept = int(keep[j].sum())
+            stats.slices += 1
+            stats.kept_tokens += kept
+            stats.kept_dependencies += int(kept_dependencies[j])
+            stats.possible_dependencies += depth * heads * kept * TOKENS
+            stats.flops += decoder_flops(self.model, kept) + (0 if hits[j] else self._encoder_flops)
+            stats.flops_unpruned += self._unpruned_flops
+            stats.encoder_cache_hits += int(hits[j])
+            if capture:
+                result.attention[index] = [
+                    AttentionRecord(t.record.attention[j].cpu(), t.record.attention_before[j].cpu())
+                    for t in out.layers if t.record is not None
+                ]

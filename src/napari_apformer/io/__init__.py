@@ -1,0 +1,1 @@
+"""Reading images and writing labels, geometry kept (no torch, no Qt)."""

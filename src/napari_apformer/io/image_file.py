@@ -1,0 +1,40 @@
+"""What a reader hands on: pixels ready to slice, and what a writer needs to put labels back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_apformer.io.geometry import Reorientation
+
+
+@dataclass
+class NiftiGeometry:
+    """The source file's geometry, kept to write labels back on the same voxels."""
+
+    affine: np.ndarray
+    header: object  # nibabel header of the source
+    reorientation: Reorientation
+    source_shape: tuple[int, int, int]
+
+
+@dataclass
+class ImageFile:
+    """An image read from disk.
+
+    data: (Y, X) grey, (Y, X, C) colour, (Z, Y, X) volume or (Z, Y, X, C) colour volume.
+    For NIfTI the three spatial axes are in RAS voxel order (see io.geometry); `nifti` keeps
+    what is needed to return to the file's own order.
+    """
+
+    data: np.ndarray
+    source: Path
+    rgb: bool = False
+    spacing: tuple[float, ...] | None = None  # per spatial axis of `data`, in mm where known
+    nifti: NiftiGeometry | None = None
+
+    @property
+    def spatial_ndim(self) -> int:
+        return self.data.ndim - int(self.rgb)

@@ -1,0 +1,57 @@
+"""PNG, JPEG (imageio) and TIFF (tifffile): grey, colour, 16-bit, and TIFF stacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import tifffile
+
+from napari_apformer.errors import InputError
+from napari_apformer.io.files import compound_suffix, write_atomically
+from napari_apformer.io.image_file import ImageFile
+
+FORMAT_NAMES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def read_image(path: Path) -> ImageFile:
+    suffix = compound_suffix(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)", path)
+    try:
+        data = tifffile.imread(path) if suffix in (".tif", ".tiff") else iio.imread(path)
+    except Exception as error:  # the decoders raise many types for a bad file
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InputError(f"not a readable {FORMAT_NAMES.get(suffix, suffix)} image ({text})",
+                         path) from None  # fmt: skip
+    data = np.asarray(data)
+    if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number | np.bool_):
+        raise InputError(f"unsupported pixel type {data.dtype}", path)
+    while data.ndim > 2 and data.shape[0] == 1:  # single-page stacks
+        data = data[0]
+    rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
+    if data.ndim >= 3 and data.shape[-1] == 2:  # grey + alpha
+        data = data[..., 0]
+    spatial = data.ndim - int(rgb)
+    if spatial not in (2, 3):
+        raise InputError(f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
+                         "image (grey or RGB) or a 3D stack", path)  # fmt: skip
+    return ImageFile(data=data, source=path, rgb=rgb, spacing=(1.0,) * spatial)
+
+
+def write_image_labels(path: Path, labels: np.ndarray) -> None:
+    """PNG for 2D labels, TIFF for 2D or 3D; label values stored as they are (uint8/uint16)."""
+    suffix = compound_suffix(path)
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    labels = np.ascontiguousarray(labels, dtype=dtype)
+    if suffix == ".png":
+        if labels.ndim != 2:
+            raise InputError(f"PNG holds 2D labels only, got shape {labels.shape}", path)
+        write_atomically(path, lambda tmp: iio.imwrite(tmp, labels, extension=".png"))
+    elif suffix in (".tif", ".tiff"):
+        write_atomically(path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+    else:
+        raise InputError("labels can be written as .png, .tif or .tiff here", path)

@@ -1,0 +1,117 @@
+"""NIfTI (.nii, .nii.gz) with nibabel: read into RAS voxel order, write labels back exactly."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from napari_apformer.errors import InputError
+from napari_apformer.io.files import compound_suffix, write_atomically
+from napari_apformer.io.geometry import Reorientation
+from napari_apformer.io.image_file import ImageFile, NiftiGeometry
+
+MAX_VOXEL_BYTES = 16 * 2**30  # refuse headers that claim more than this before reading data
+NIFTI_INTENT_LABEL = 1002
+
+
+def read_nifti(path: Path) -> ImageFile:
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except Exception as error:  # nibabel raises many types for a bad header
+        raise InputError(f"not a readable NIfTI file ({_first_line(error)})", path) from None
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"not a NIfTI image ({type(image).__name__})", path)
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise InputError(f"{len(shape)}D data of shape {image.shape} is not supported: give a "
+                         "2D image or one 3D volume", path)  # fmt: skip
+    if 0 in shape:
+        raise InputError(f"empty image of shape {image.shape}", path)
+    _check_payload(path, image)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # truncated or corrupt payload
+        raise InputError(f"cannot read the voxel data ({_first_line(error)})", path) from None
+    if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number):
+        raise InputError(f"unsupported voxel type {data.dtype} (colour NIfTI is not supported)",
+                         path)  # fmt: skip
+    data = data.reshape(shape + (1,) * (3 - len(shape)))
+    reorientation = Reorientation.from_affine(image.affine)
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) + (1.0,) * (3 - len(shape))
+    geometry = NiftiGeometry(image.affine.copy(), image.header.copy(), reorientation,
+                             data.shape)  # fmt: skip
+    return ImageFile(
+        data=reorientation.to_canonical(data),
+        source=path,
+        spacing=reorientation.canonical_zooms(zooms),
+        nifti=geometry,
+    )
+
+
+def write_nifti_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None:
+    """Labels in the RAS order of `image.data`, written in the source's voxel order and geometry."""
+    if image.nifti is not None:
+        geometry = image.nifti
+        voxels = geometry.reorientation.from_canonical(labels).reshape(geometry.source_shape)
+        header = geometry.header.copy()
+        affine = geometry.affine
+    else:  # a non-NIfTI source: voxel size from its spacing, no world placement known
+        voxels = labels if labels.ndim == 3 else labels[..., None]
+        affine = np.diag([*(image.spacing or (1.0,) * voxels.ndim)][:3] + [1.0])
+        header = None
+    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    out = nib.Nifti1Image(np.ascontiguousarray(voxels, dtype=dtype), affine, header)
+    out.set_data_dtype(dtype)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.header.set_intent(NIFTI_INTENT_LABEL)
+    out.header["cal_min"], out.header["cal_max"] = 0, int(labels.max(initial=0))
+    if image.nifti is not None:  # keep both transforms and their codes exactly
+        source_header = image.nifti.header
+        out.set_sform(source_header.get_sform(), int(source_header["sform_code"]))
+        out.set_qform(source_header.get_qform(), int(source_header["qform_code"]))
+    write_atomically(path, lambda tmp: nib.save(out, str(tmp)))
+
+
+def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a header that claims more voxels than the file can hold, before allocating."""
+    header = image.header
+    claimed = int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    if claimed > MAX_VOXEL_BYTES:
+        raise InputError(f"header claims {claimed / 2**30:.1f} GiB of voxel data; refusing more "
+                         f"than {MAX_VOXEL_BYTES // 2**30} GiB", path)  # fmt: skip
+    needed = int(header.get_data_offset()) + claimed
+    available = _uncompressed_size(path)
+    if available is not None and available < needed:
+        raise InputError(f"truncated: the header needs {needed} bytes, the file has {available}",
+                         path)  # fmt: skip
+
+
+def _uncompressed_size(path: Path) -> int | None:
+    """Bytes of the (decompressed) file; None where it cannot be known cheaply."""
+    if compound_suffix(path) != ".nii.gz":
+        return path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            f.seek(-4, 2)
+            size = struct.unpack("<I", f.read(4))[0]  # gzip ISIZE: size modulo 2**32
+        if path.stat().st_size >= 2**32 // 8:  # could have wrapped around
+            return None
+        with gzip.open(path, "rb") as g:  # a cheap check that the stream starts well
+            g.read(1)
+        return size
+    except (OSError, EOFError, zlib.error, struct.error):
+        return 0
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]

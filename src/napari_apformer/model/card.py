@@ -1,0 +1,99 @@
+"""The model card: what a weights file is for and how to feed it (JSON beside the tensors)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_apformer.errors import InputError
+
+CARD_VERSION = 1
+DEFAULT_COLOURS = [
+    "#000000", "#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#46f0f0",
+    "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#000075",
+]  # fmt: skip
+
+
+@dataclass
+class ClassInfo:
+    value: int
+    name: str
+    colour: str
+
+
+@dataclass
+class Normalisation:
+    """Intensities to [0, 1]: the `low` and `high` percentiles of the image map to 0 and 1."""
+
+    method: str = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+
+    def __post_init__(self) -> None:
+        if self.method != "percentile" or not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError(f"unsupported normalisation {self}")
+
+
+@dataclass
+class ModelCard:
+    name: str
+    in_channels: int
+    classes: list[ClassInfo]
+    normalisation: Normalisation = field(default_factory=Normalisation)
+    token_threshold: float = 0.9
+    gates: list[float] = field(default_factory=lambda: [-2.0] * 4)
+    placeholder: bool = False  # randomly initialised weights: results mean nothing
+    sha256: str | None = None  # of the safetensors file, checked on load
+    description: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
+    card_version: int = CARD_VERSION
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @staticmethod
+    def generic(name: str, in_channels: int, n_classes: int) -> ModelCard:
+        """A card for weights that came without one (the authors' checkpoints)."""
+        classes = [
+            ClassInfo(k, "background" if k == 0 else f"class {k}",
+                      DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)])  # fmt: skip
+            for k in range(n_classes)
+        ]
+        # The release scales inputs to [0, 1] without clipping outliers: min-max does that.
+        return ModelCard(name, in_channels, classes, Normalisation(low=0.0, high=100.0))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @staticmethod
+    def from_json(text: str, source: object) -> ModelCard:
+        try:
+            raw = json.loads(text)
+            if raw.get("card_version") != CARD_VERSION:
+                raise ValueError(f"card_version {raw.get('card_version')!r} is not {CARD_VERSION}")
+            raw["classes"] = [ClassInfo(**c) for c in raw["classes"]]
+            raw["normalisation"] = Normalisation(**raw["normalisation"])
+            card = ModelCard(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise InputError(f"not a valid model card ({error})", source) from None
+        values = [c.value for c in card.classes]
+        if values != list(range(len(values))):
+            raise InputError(f"class values must be 0..K-1 in order, got {values}", source)
+        return card
+
+    @staticmethod
+    def read(path: Path) -> ModelCard:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read the model card ({error})", path) from None
+        return ModelCard.from_json(text, path)

@@ -1,0 +1,43 @@
+"""FLOPs from the kept tokens agree with torch's own count of what the model ran."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from napari_apformer.engine.stats import RunStats, slice_flops
+from napari_apformer.model.apformer import TOKENS
+
+
+def measured_flops(model, keep: torch.Tensor) -> int:
+    encoded = model.encode(torch.rand(1, 1, 256, 256))
+    gates = model.gate_values(None, encoded.x4)
+    with FlopCounterMode(display=False) as counter:
+        out = model.trans4(encoded.x4, keep, gates)
+        y = model.conv4(out.features)
+        y = model.up2(y, encoded.skip_parts[0])
+        y = model.up3(y, encoded.skip_parts[1])
+        model.outc(model.up4(y, encoded.skip_parts[2]))
+        model.encode(torch.rand(1, 1, 256, 256))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kept", [TOKENS, 517, 1, 0])
+def test_counted_flops_equal_measured(random_model, kept):
+    keep = torch.zeros(1, TOKENS, dtype=torch.bool)
+    keep[0, torch.randperm(TOKENS)[:kept]] = True
+    with torch.inference_mode():
+        measured = measured_flops(random_model, keep)
+    assert slice_flops(random_model, kept) == measured
+
+
+def test_unpruned_flops_match_spec(official_model):
+    assert slice_flops(official_model, TOKENS) / 1e9 == pytest.approx(21.4, abs=0.05)
+
+
+def test_run_stats_fractions():
+    stats = RunStats(slices=2, kept_tokens=1024, kept_dependencies=30, possible_dependencies=60,
+                     flops=10**9, flops_unpruned=4 * 10**9, seconds=0.5)  # fmt: skip
+    assert stats.kept_token_fraction == 0.5
+    assert stats.kept_dependency_fraction == 0.5
+    assert stats.ms_per_slice == 250
+    assert "50.0 %" in stats.summary()
