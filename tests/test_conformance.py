@@ -14,15 +14,18 @@ def test_each_image_alone_matches_release(official, official_model, case):
     tau = float(official["neg_thresh"])
     for i in range(2):
         with torch.inference_mode():
-            out = official_model(torch.from_numpy(official["input"][i : i + 1]),
-                                 token_threshold=tau, gate=gate)  # fmt: skip
+            out = official_model(
+                torch.from_numpy(official["input"][i : i + 1]), token_threshold=tau, gate=gate
+            )
         logits = out.logits[0].numpy()
         differing = int((logits.argmax(0) != official[f"argmax_{case}"][i]).sum())
         assert differing <= MAX_ARGMAX_DIFFERENCES
-        np.testing.assert_allclose(logits[:, ::4, ::4], official[f"logits_strided_{case}"][i],
-                                   atol=LOGIT_TOLERANCE, rtol=0)  # fmt: skip
-        np.testing.assert_allclose(out.token_logits[0].numpy(), official[f"sx_{case}"][i],
-                                   atol=LOGIT_TOLERANCE, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            logits[:, ::4, ::4], official[f"logits_strided_{case}"][i], atol=LOGIT_TOLERANCE, rtol=0
+        )
+        np.testing.assert_allclose(
+            out.token_logits[0].numpy(), official[f"sx_{case}"][i], atol=LOGIT_TOLERANCE, rtol=0
+        )
 
 
 @pytest.mark.parametrize("case", [0, 1])
@@ -36,11 +39,15 @@ def test_batch_matches_release_and_single_images(official, official_model, case)
     assert kept[0] != kept[1], "the two images must have different keep masks for this test"
     for i in range(2):
         assert torch.equal(batch.keep[i], singles[i].keep[0])
-        np.testing.assert_allclose(batch.logits[i].numpy(), singles[i].logits[0].numpy(),
-                                   atol=LOGIT_TOLERANCE, rtol=0)  # fmt: skip
-        np.testing.assert_allclose(batch.logits[i, :, ::4, ::4].numpy(),
-                                   official[f"logits_strided_{case}"][i],
-                                   atol=LOGIT_TOLERANCE, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            batch.logits[i].numpy(), singles[i].logits[0].numpy(), atol=LOGIT_TOLERANCE, rtol=0
+        )
+        np.testing.assert_allclose(
+            batch.logits[i, :, ::4, ::4].numpy(),
+            official[f"logits_strided_{case}"][i],
+            atol=LOGIT_TOLERANCE,
+            rtol=0,
+        )
 
 
 def test_about_half_of_first_image_is_pruned(official, official_model):

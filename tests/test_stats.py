@@ -35,8 +35,15 @@ def test_unpruned_flops_match_spec(official_model):
 
 
 def test_run_stats_fractions():
-    stats = RunStats(slices=2, kept_tokens=1024, kept_dependencies=30, possible_dependencies=60,
-                     flops=10**9, flops_unpruned=4 * 10**9, seconds=0.5)  # fmt: skip
+    stats = RunStats(
+        slices=2,
+        kept_tokens=1024,
+        kept_dependencies=30,
+        possible_dependencies=60,
+        flops=10**9,
+        flops_unpruned=4 * 10**9,
+        seconds=0.5,
+    )
     assert stats.kept_token_fraction == 0.5
     assert stats.kept_dependency_fraction == 0.5
     assert stats.ms_per_slice == 250

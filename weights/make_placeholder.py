@@ -1,6 +1,6 @@
 """Write the randomly initialised placeholder weights (used until trained weights ship).
 
-    python weights/make_placeholder.py
+python weights/make_placeholder.py
 """
 
 from pathlib import Path

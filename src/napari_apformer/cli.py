@@ -37,22 +37,43 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     predict = commands.add_parser("predict", help="segment image files and folders")
-    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                         help=f"files ({', '.join(READABLE_SUFFIXES)}) or folders of them")
-    predict.add_argument("-o", "--output", type=Path, required=True,
-                         help="output folder, or a file name when there is one input file")
+    predict.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help=f"files ({', '.join(READABLE_SUFFIXES)}) or folders of them",
+    )
+    predict.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output folder, or a file name when there is one input file",
+    )
     add_model_options(predict)
-    predict.add_argument("--token-threshold", type=float, default=None,
-                         help="tau_q in (0, 1]: prune tokens whose background probability is at "
-                         "least this; 1 keeps all (default: the weights' own)")
-    predict.add_argument("--gate", type=parse_gate, default=None,
-                         help="dependency gate, one value or one per layer separated by commas "
-                         "(default: the weights' own)")
+    predict.add_argument(
+        "--token-threshold",
+        type=float,
+        default=None,
+        help="tau_q in (0, 1]: prune tokens whose background probability is at "
+        "least this; 1 keeps all (default: the weights' own)",
+    )
+    predict.add_argument(
+        "--gate",
+        type=parse_gate,
+        default=None,
+        help="dependency gate, one value or one per layer separated by commas "
+        "(default: the weights' own)",
+    )
     predict.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
-    predict.add_argument("--axis", default="axial",
-                         help="slice direction of volumes: axial, coronal or sagittal (NIfTI, "
-                         "in RAS order), or an array axis 0, 1 or 2 (default axial; axis 0 "
-                         "for TIFF stacks)")
+    predict.add_argument(
+        "--axis",
+        default="axial",
+        help="slice direction of volumes: axial, coronal or sagittal (NIfTI, "
+        "in RAS order), or an array axis 0, 1 or 2 (default axial; axis 0 "
+        "for TIFF stacks)",
+    )
     predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     predict.set_defaults(run=run_predict)
 
@@ -60,14 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(info)
     info.set_defaults(run=run_info)
     return parser
-    # fmt: skip
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", default=None,
-                        help="shipped weights name or a .safetensors/.pth file (default: the "
-                        "shipped default)")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N], mps")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="shipped weights name or a .safetensors/.pth file (default: the shipped default)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N], mps"
+    )
 
 
 def parse_gate(text: str) -> float | list[float]:
@@ -88,8 +112,11 @@ def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
     segmenter = Segmenter(load_model(path), device=args.device, batch_size=batch_size)
     card = segmenter.card
     if card.placeholder:
-        print(f"apformer: warning: '{card.name}' are randomly initialised placeholder weights; "
-              "their labels mean nothing", file=sys.stderr)  # fmt: skip
+        print(
+            f"apformer: warning: '{card.name}' are randomly initialised placeholder weights; "
+            "their labels mean nothing",
+            file=sys.stderr,
+        )
     return segmenter
 
 
@@ -97,17 +124,23 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and is_readable_name(p)
-                           and not p.name.startswith(".")
-                           and not stem_of(p).endswith(LABEL_STEM_SUFFIX))  # fmt: skip
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if p.is_file()
+                and is_readable_name(p)
+                and not p.name.startswith(".")
+                and not stem_of(p).endswith(LABEL_STEM_SUFFIX)
+            )
             if not found:
                 raise InputError(f"no readable images ({', '.join(READABLE_SUFFIXES)})", item)
             files += found
         elif not item.exists():
             raise InputError("file not found", item)
         elif not is_readable_name(item):
-            raise InputError(f"unsupported file type; expected {', '.join(READABLE_SUFFIXES)}",
-                             item)  # fmt: skip
+            raise InputError(
+                f"unsupported file type; expected {', '.join(READABLE_SUFFIXES)}", item
+            )
         else:
             files.append(item)
     return files
@@ -127,6 +160,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if len(set(outputs)) < len(outputs):
         raise InputError("two inputs would write the same output name; give them separate runs")
     segmenter = load_segmenter(args, args.batch_size)
+    segmenter.check_settings(args.token_threshold, args.gate)  # once, not once per file
     failed = 0
     for source, target in zip(files, outputs, strict=True):
         try:
@@ -134,8 +168,8 @@ def run_predict(args: argparse.Namespace) -> int:
         except InputError as error:
             failed += 1
             print(f"apformer: error: {error}", file=sys.stderr)
-    if failed:
-        print(f"apformer: {failed} of {len(files)} file(s) failed", file=sys.stderr)
+    if failed and len(files) > 1:
+        print(f"apformer: {failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -147,17 +181,18 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     if target.exists() and not args.overwrite:
         raise InputError("output exists; use --overwrite to replace it", target)
     if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
-        raise InputError("NIfTI labels must be written as .nii or .nii.gz to keep their "
-                         "geometry", target)  # fmt: skip
+        raise InputError(
+            "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
+        )
     image_file = read_image_file(source)
     axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
-    image = segmenter.prepare(image_file.data, rgb=image_file.rgb, axis=axis,
-                              spacing=image_file.spacing, source=source)  # fmt: skip
+    image = segmenter.prepare(
+        image_file.data, rgb=image_file.rgb, axis=axis, spacing=image_file.spacing, source=source
+    )
     if image.is_volume and compound_suffix(target) == ".png":
         raise InputError("PNG holds 2D labels only; write volumes as .tif or .nii.gz", target)
     job = segmenter.start(image, token_threshold=args.token_threshold, gate=args.gate)
-    with tqdm(total=job.total, desc=source.name, unit="slice", leave=False,
-              file=sys.stderr) as bar:  # fmt: skip
+    with tqdm(total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr) as bar:
         for progress in job:
             bar.update(progress.done - bar.n)
     result = job.result
@@ -194,12 +229,16 @@ def run_info(args: argparse.Namespace) -> int:
 
     segmenter = load_segmenter(args)
     card = segmenter.card
-    print(f"napari-apformer {__version__}, Python {platform.python_version()}, "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(
+        f"napari-apformer {__version__}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
     print(f"weights: {card.name} ({resolve_weights(args.weights)})")
     print(f"  classes: {', '.join(card.class_names)}; input channels: {card.in_channels}")
-    print(f"  token threshold {card.token_threshold}, gates {card.gates}"
-          + ("; PLACEHOLDER (random)" if card.placeholder else ""))  # fmt: skip
+    print(
+        f"  token threshold {card.token_threshold}, gates {card.gates}"
+        + ("; PLACEHOLDER (random)" if card.placeholder else "")
+    )
     print(f"shipped weights: {', '.join(shipped_weights()) or 'none'}")
     print(f"devices: {', '.join(available_devices())}; selected: {resolve_device(args.device)}")
     return 0

@@ -27,8 +27,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA was asked for but torch sees no CUDA GPU here; use --device cpu "
-                         "or install the CUDA build of torch (see README)")  # fmt: skip
+        raise InputError(
+            "CUDA was asked for but torch sees no CUDA GPU here; use --device cpu "
+            "or install the CUDA build of torch (see README)"
+        )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise InputError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -28,8 +28,13 @@ from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_
 from napari_apformer.engine.stats import RunStats, decoder_flops, encoder_flops, slice_flops
 from napari_apformer.errors import InputError
 from napari_apformer.model.apformer import (
-    BACKGROUND, TOKEN_GRID, TOKENS, APFormer, EncodedSlices, check_token_threshold,
-)  # fmt: skip
+    BACKGROUND,
+    TOKEN_GRID,
+    TOKENS,
+    APFormer,
+    EncodedSlices,
+    check_token_threshold,
+)
 from napari_apformer.model.attention import AttentionRecord
 from napari_apformer.model.card import ModelCard
 
@@ -120,9 +125,15 @@ class Segmenter:
         spacing: tuple[float, ...] | None = None,
         source: object = None,
     ) -> PreparedImage:
-        return prepare_image(data, in_channels=self.model.in_channels,
-                             normalisation=self.card.normalisation, rgb=rgb, axis=axis,
-                             spacing=spacing, source=source)  # fmt: skip
+        return prepare_image(
+            data,
+            in_channels=self.model.in_channels,
+            normalisation=self.card.normalisation,
+            rgb=rgb,
+            axis=axis,
+            spacing=spacing,
+            source=source,
+        )
 
     def segment(self, image: PreparedImage, **settings) -> SegmentationResult:
         """Run `start(image, **settings)` to the end."""
@@ -145,9 +156,7 @@ class Segmenter:
         chosen = list(range(image.n_slices)) if slices is None else [int(i) for i in slices]
         if any(not 0 <= i < image.n_slices for i in chosen):
             raise InputError(f"slice index out of range 0..{image.n_slices - 1}", image.source)
-        tau = self.model.default_token_threshold if token_threshold is None else token_threshold
-        check_token_threshold(tau)
-        gates = self.model.gate_values(gate, torch.empty(0)).tolist()
+        tau, gates = self.check_settings(token_threshold, gate)
         n_classes, count = self.model.n_classes, len(chosen)
         grid = (count, TOKEN_GRID, TOKEN_GRID)
         result = SegmentationResult(
@@ -160,11 +169,20 @@ class Segmenter:
             stats=RunStats(device=str(self.device)),
             token_threshold=tau,
             gates=gates,
-            probabilities=(np.zeros((n_classes, *image.spatial_shape), np.float32)
-                           if probabilities else None),  # fmt: skip
+            probabilities=(
+                np.zeros((n_classes, *image.spatial_shape), np.float32) if probabilities else None
+            ),
         )
         captured = set(capture_slices) & set(chosen)
         return SegmentationJob(result, self._steps(image, result, captured))
+
+    def check_settings(
+        self, token_threshold: float | None, gate: float | Sequence[float] | None
+    ) -> tuple[float, list[float]]:
+        """The effective threshold and per-layer gates; InputError if they are invalid."""
+        tau = self.model.default_token_threshold if token_threshold is None else token_threshold
+        check_token_threshold(tau)
+        return tau, self.model.gate_values(gate, torch.empty(0)).tolist()
 
     def _steps(
         self, image: PreparedImage, result: SegmentationResult, captured: set[int]
@@ -185,9 +203,14 @@ class Segmenter:
 
     def _encode(self, inputs: torch.Tensor, fill_cache: bool) -> tuple[EncodedSlices, list[bool]]:
         """Encoder features for a batch, from the cache where present; which slices were hits."""
-        keys = [(self._weights_key, str(self.device),
-                 hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest())
-                for x in inputs]  # fmt: skip
+        keys = [
+            (
+                self._weights_key,
+                str(self.device),
+                hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest(),
+            )
+            for x in inputs
+        ]
         found = [self.encoder_cache.get(key) for key in keys]
         missing = [k for k, item in enumerate(found) if item is None]
         hits = [item is not None for item in found]
@@ -215,7 +238,9 @@ class Segmenter:
         out = self.model.decode(encoded, result.token_threshold, result.gates, capture=capture)
         logits = box.to_image(out.logits).float()
         slice_labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-        probs = torch.softmax(logits, dim=1).cpu().numpy() if result.probabilities is not None else None
+        probs = (
+            torch.softmax(logits, dim=1).cpu().numpy() if result.probabilities is not None else None
+        )
         keep = out.keep.cpu()
         background = torch.softmax(out.token_logits.float(), dim=1)[:, BACKGROUND].cpu()
         per_layer = torch.stack([t.kept_dependency_fraction for t in out.layers])  # (L, B, H, N)
@@ -223,11 +248,16 @@ class Segmenter:
         kept_dependencies = out.kept_dependencies.cpu()
         depth, heads = per_layer.shape[0], per_layer.shape[2]
 
-        labels = np.moveaxis(result.labels, image.axis, 0) if image.is_volume else result.labels[None]
+        labels = (
+            np.moveaxis(result.labels, image.axis, 0) if image.is_volume else result.labels[None]
+        )
         probs_out = None
         if probs is not None:
-            probs_out = (np.moveaxis(result.probabilities, image.axis + 1, 1)
-                         if image.is_volume else result.probabilities[:, None])  # fmt: skip
+            probs_out = (
+                np.moveaxis(result.probabilities, image.axis + 1, 1)
+                if image.is_volume
+                else result.probabilities[:, None]
+            )
         stats = result.stats
         for j, index in enumerate(batch):
             k = position[index]
@@ -236,7 +266,9 @@ class Segmenter:
                 probs_out[:, index if image.is_volume else 0] = probs[j]
             result.keep[k] = keep[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
             result.background_probability[k] = background[j].numpy()
-            result.kept_dependency_fraction[k] = dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+            result.kept_dependency_fraction[k] = (
+                dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+            )
             kept = int(keep[j].sum())
             stats.slices += 1
             stats.kept_tokens += kept
@@ -248,5 +280,6 @@ class Segmenter:
             if capture:
                 result.attention[index] = [
                     AttentionRecord(t.record.attention[j].cpu(), t.record.attention_before[j].cpu())
-                    for t in out.layers if t.record is not None
+                    for t in out.layers
+                    if t.record is not None
                 ]

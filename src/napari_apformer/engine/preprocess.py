@@ -40,28 +40,37 @@ class Letterbox:
         longest = max(extent_y, extent_x)
         inner_h = max(1, min(INPUT_SIZE, round(INPUT_SIZE * extent_y / longest)))
         inner_w = max(1, min(INPUT_SIZE, round(INPUT_SIZE * extent_x / longest)))
-        return Letterbox(height, width, inner_h, inner_w, (INPUT_SIZE - inner_h) // 2,
-                         (INPUT_SIZE - inner_w) // 2)  # fmt: skip
+        return Letterbox(
+            height,
+            width,
+            inner_h,
+            inner_w,
+            (INPUT_SIZE - inner_h) // 2,
+            (INPUT_SIZE - inner_w) // 2,
+        )
 
     def to_model(self, slices: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] to (B, C, 256, 256), zero padded."""
         size = (self.inner_height, self.inner_width)
         if size != (self.height, self.width):
             shrink = self.inner_height < self.height or self.inner_width < self.width
-            slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=False,
-                                   antialias=shrink)  # fmt: skip
+            slices = F.interpolate(
+                slices, size=size, mode="bilinear", align_corners=False, antialias=shrink
+            )
         bottom = INPUT_SIZE - self.top - self.inner_height
         right = INPUT_SIZE - self.left - self.inner_width
         return F.pad(slices, (self.left, right, self.top, bottom))
 
     def to_image(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, K, 256, 256) maps (logits) to (B, K, H, W) on the slice's own grid."""
-        inner = maps[..., self.top : self.top + self.inner_height,
-                     self.left : self.left + self.inner_width]  # fmt: skip
+        inner = maps[
+            ..., self.top : self.top + self.inner_height, self.left : self.left + self.inner_width
+        ]
         if inner.shape[-2:] == (self.height, self.width):
             return inner
-        return F.interpolate(inner, size=(self.height, self.width), mode="bilinear",
-                             align_corners=False)  # fmt: skip
+        return F.interpolate(
+            inner, size=(self.height, self.width), mode="bilinear", align_corners=False
+        )
 
     @property
     def token_scale(self) -> tuple[float, float]:
@@ -160,8 +169,11 @@ def prepare_image(
         raise InputError(f"colour images need 3 or 4 channels last, got shape {data.shape}", source)
     spatial = data.ndim - int(rgb)
     if spatial not in (2, 3):
-        raise InputError(f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
-                         "image (grey or RGB) or a 3D volume", source)  # fmt: skip
+        raise InputError(
+            f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
+            "image (grey or RGB) or a 3D volume",
+            source,
+        )
     if not rgb and in_channels == 3:
         raise InputError("these weights expect colour (RGB) images; this image is grey", source)
     if rgb and in_channels not in (1, 3):
@@ -172,8 +184,11 @@ def prepare_image(
     plane = [i for i in range(spatial) if spatial == 2 or i != axis]
     height, width = shape[plane[0]], shape[plane[1]]
     if min(height, width) < MIN_SIDE:
-        raise InputError(f"slices of {height} x {width} pixels are too small: at least "
-                         f"{MIN_SIDE} pixels on each side are needed", source)  # fmt: skip
+        raise InputError(
+            f"slices of {height} x {width} pixels are too small: at least "
+            f"{MIN_SIDE} pixels on each side are needed",
+            source,
+        )
     _check_finite(data, source)
     low, high = intensity_range(data[..., :3] if rgb else data, normalisation)
     plane_spacing = (1.0, 1.0)
@@ -196,8 +211,12 @@ def intensity_range(data: np.ndarray, normalisation: Normalisation) -> tuple[flo
 def _check_finite(data: np.ndarray, source: object) -> None:
     if not np.issubdtype(data.dtype, np.floating):
         return
-    bad = sum(int(data[i].size - np.count_nonzero(np.isfinite(data[i])))
-              for i in range(data.shape[0]))  # fmt: skip
+    bad = sum(
+        int(data[i].size - np.count_nonzero(np.isfinite(data[i]))) for i in range(data.shape[0])
+    )
     if bad:
-        raise InputError(f"{bad} of {data.size} values are not finite (NaN or inf); replace "
-                         "them (for example with 0) and try again", source)  # fmt: skip
+        raise InputError(
+            f"{bad} of {data.size} values are not finite (NaN or inf); replace "
+            "them (for example with 0) and try again",
+            source,
+        )

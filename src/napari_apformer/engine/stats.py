@@ -23,13 +23,19 @@ def _conv_flops(conv: nn.Conv2d, size: int, in_channels: int | None = None) -> i
 def encoder_flops(model: APFormer) -> int:
     """CNN encoder, pruning head and the skip halves of the decoder's first convolutions."""
     total = 0
-    for block, size in ((model.inc, INPUT_SIZE), (model.down1.maxpool_conv[1], INPUT_SIZE // 2),
-                        (model.down2.maxpool_conv[1], INPUT_SIZE // 4),
-                        (model.down3.maxpool_conv[1], INPUT_SIZE // 8)):  # fmt: skip
+    for block, size in (
+        (model.inc, INPUT_SIZE),
+        (model.down1.maxpool_conv[1], INPUT_SIZE // 2),
+        (model.down2.maxpool_conv[1], INPUT_SIZE // 4),
+        (model.down3.maxpool_conv[1], INPUT_SIZE // 8),
+    ):
         total += _conv_flops(block.double_conv[0], size) + _conv_flops(block.double_conv[3], size)
     total += _conv_flops(model.trans4.pred_class, INPUT_SIZE // 8)
-    for up, size in ((model.up2, INPUT_SIZE // 4), (model.up3, INPUT_SIZE // 2),
-                     (model.up4, INPUT_SIZE)):  # fmt: skip
+    for up, size in (
+        (model.up2, INPUT_SIZE // 4),
+        (model.up3, INPUT_SIZE // 2),
+        (model.up4, INPUT_SIZE),
+    ):
         total += _conv_flops(up.conv.double_conv[0], size, up.skip_channels)
     return total
 
@@ -52,8 +58,11 @@ def decoder_flops(model: APFormer, kept_tokens: int) -> int:
         hidden = ffn.fn.net[0].out_features
         total += 2 * 2 * tokens * width * hidden
     total += _conv_flops(model.conv4, INPUT_SIZE // 8)
-    for up, size in ((model.up2, INPUT_SIZE // 4), (model.up3, INPUT_SIZE // 2),
-                     (model.up4, INPUT_SIZE)):  # fmt: skip
+    for up, size in (
+        (model.up2, INPUT_SIZE // 4),
+        (model.up3, INPUT_SIZE // 2),
+        (model.up4, INPUT_SIZE),
+    ):
         first = up.conv.double_conv[0]
         total += _conv_flops(first, size, first.in_channels - up.skip_channels)
         total += _conv_flops(up.conv.double_conv[3], size)
@@ -86,7 +95,11 @@ class RunStats:
     @property
     def kept_dependency_fraction(self) -> float:
         """Of the (query, key) pairs of kept queries, the fraction dependency pruning kept."""
-        return self.kept_dependencies / self.possible_dependencies if self.possible_dependencies else 0.0
+        return (
+            self.kept_dependencies / self.possible_dependencies
+            if self.possible_dependencies
+            else 0.0
+        )
 
     @property
     def gflops(self) -> float:
@@ -101,7 +114,9 @@ class RunStats:
         return 1000 * self.seconds / self.slices if self.slices else 0.0
 
     def summary(self) -> str:
-        return (f"{self.slices} slice(s) on {self.device}: kept tokens "
-                f"{100 * self.kept_token_fraction:.1f} %, kept dependencies "
-                f"{100 * self.kept_dependency_fraction:.1f} %, {self.gflops:.1f} of "
-                f"{self.gflops_unpruned:.1f} GFLOP, {self.ms_per_slice:.0f} ms per slice")  # fmt: skip
+        return (
+            f"{self.slices} slice(s) on {self.device}: kept tokens "
+            f"{100 * self.kept_token_fraction:.1f} %, kept dependencies "
+            f"{100 * self.kept_dependency_fraction:.1f} %, {self.gflops:.1f} of "
+            f"{self.gflops_unpruned:.1f} GFLOP, {self.ms_per_slice:.0f} ms per slice"
+        )

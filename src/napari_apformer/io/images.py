@@ -24,11 +24,15 @@ def read_image(path: Path) -> ImageFile:
     try:
         data = tifffile.imread(path) if suffix in (".tif", ".tiff") else iio.imread(path)
     except Exception as error:  # the decoders raise many types for a bad file
-        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise InputError(f"not a readable {FORMAT_NAMES.get(suffix, suffix)} image ({text})",
-                         path) from None  # fmt: skip
+        text = (
+            str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        )
+        raise InputError(
+            f"not a readable {FORMAT_NAMES.get(suffix, suffix)} image ({text})", path
+        ) from None
     data = np.asarray(data)
-    if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number | np.bool_):
+    numeric = np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_
+    if data.dtype.fields is not None or not numeric:
         raise InputError(f"unsupported pixel type {data.dtype}", path)
     while data.ndim > 2 and data.shape[0] == 1:  # single-page stacks
         data = data[0]
@@ -37,8 +41,11 @@ def read_image(path: Path) -> ImageFile:
         data = data[..., 0]
     spatial = data.ndim - int(rgb)
     if spatial not in (2, 3):
-        raise InputError(f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
-                         "image (grey or RGB) or a 3D stack", path)  # fmt: skip
+        raise InputError(
+            f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
+            "image (grey or RGB) or a 3D stack",
+            path,
+        )
     return ImageFile(data=data, source=path, rgb=rgb, spacing=(1.0,) * spatial)
 
 

@@ -32,8 +32,11 @@ def read_nifti(path: Path) -> ImageFile:
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 3:
-        raise InputError(f"{len(shape)}D data of shape {image.shape} is not supported: give a "
-                         "2D image or one 3D volume", path)  # fmt: skip
+        raise InputError(
+            f"{len(shape)}D data of shape {image.shape} is not supported: give a "
+            "2D image or one 3D volume",
+            path,
+        )
     if 0 in shape:
         raise InputError(f"empty image of shape {image.shape}", path)
     _check_payload(path, image)
@@ -42,13 +45,13 @@ def read_nifti(path: Path) -> ImageFile:
     except Exception as error:  # truncated or corrupt payload
         raise InputError(f"cannot read the voxel data ({_first_line(error)})", path) from None
     if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number):
-        raise InputError(f"unsupported voxel type {data.dtype} (colour NIfTI is not supported)",
-                         path)  # fmt: skip
+        raise InputError(
+            f"unsupported voxel type {data.dtype} (colour NIfTI is not supported)", path
+        )
     data = data.reshape(shape + (1,) * (3 - len(shape)))
     reorientation = Reorientation.from_affine(image.affine)
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) + (1.0,) * (3 - len(shape))
-    geometry = NiftiGeometry(image.affine.copy(), image.header.copy(), reorientation,
-                             data.shape)  # fmt: skip
+    geometry = NiftiGeometry(image.affine.copy(), image.header.copy(), reorientation, data.shape)
     return ImageFile(
         data=reorientation.to_canonical(data),
         source=path,
@@ -66,7 +69,8 @@ def write_nifti_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None
         affine = geometry.affine
     else:  # a non-NIfTI source: voxel size from its spacing, no world placement known
         voxels = labels if labels.ndim == 3 else labels[..., None]
-        affine = np.diag([*(image.spacing or (1.0,) * voxels.ndim)][:3] + [1.0])
+        spacing = (*(image.spacing or ()), 1.0, 1.0, 1.0)[:3]
+        affine = np.diag([*spacing, 1.0])
         header = None
     dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
     out = nib.Nifti1Image(np.ascontiguousarray(voxels, dtype=dtype), affine, header)
@@ -86,13 +90,17 @@ def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
     header = image.header
     claimed = int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
     if claimed > MAX_VOXEL_BYTES:
-        raise InputError(f"header claims {claimed / 2**30:.1f} GiB of voxel data; refusing more "
-                         f"than {MAX_VOXEL_BYTES // 2**30} GiB", path)  # fmt: skip
+        raise InputError(
+            f"header claims {claimed / 2**30:.1f} GiB of voxel data; refusing more "
+            f"than {MAX_VOXEL_BYTES // 2**30} GiB",
+            path,
+        )
     needed = int(header.get_data_offset()) + claimed
     available = _uncompressed_size(path)
     if available is not None and available < needed:
-        raise InputError(f"truncated: the header needs {needed} bytes, the file has {available}",
-                         path)  # fmt: skip
+        raise InputError(
+            f"truncated: the header needs {needed} bytes, the file has {available}", path
+        )
 
 
 def _uncompressed_size(path: Path) -> int | None:

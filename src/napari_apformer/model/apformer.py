@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_apformer.model.card import ModelCard
+from napari_apformer.errors import InputError
 from napari_apformer.model.attention import LayerTrace, PruningTransformer
+from napari_apformer.model.card import ModelCard
 
 INPUT_SIZE = 256
 TOKEN_GRID = 32
@@ -30,9 +31,13 @@ class DoubleConv(nn.Module):
         super().__init__()
         mid = mid or cout
         self.double_conv = nn.Sequential(
-            nn.Conv2d(cin, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(True),
-            nn.Conv2d(mid, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True),
-        )  # fmt: skip
+            nn.Conv2d(cin, mid, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(True),
+            nn.Conv2d(mid, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(True),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.double_conv(x)
@@ -199,8 +204,9 @@ class APFormer(nn.Module):
         tau = self.default_token_threshold if token_threshold is None else token_threshold
         check_token_threshold(tau)
         if tau >= 1.0:
-            return torch.ones(token_logits.shape[0], TOKENS, dtype=torch.bool,
-                              device=token_logits.device)  # fmt: skip
+            return torch.ones(
+                token_logits.shape[0], TOKENS, dtype=torch.bool, device=token_logits.device
+            )
         background = torch.softmax(token_logits, dim=1)[:, BACKGROUND]
         return (background < tau).flatten(1)
 
@@ -213,17 +219,18 @@ class APFormer(nn.Module):
         else:
             values = [float(g) for g in gate]
             if len(values) != self.depth:
-                raise ValueError(f"gate: expected 1 or {self.depth} values, got {len(values)}")
+                raise InputError(f"gate: expected 1 or {self.depth} values, got {len(values)}")
         return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def check_token_threshold(tau: float) -> None:
     if not 0.0 < tau <= 1.0:
-        raise ValueError(f"token_threshold must be in (0, 1], got {tau}")
+        raise InputError(f"token_threshold must be in (0, 1], got {tau}")
 
 
 def _check_input(x: torch.Tensor, in_channels: int) -> None:
     expected = (in_channels, INPUT_SIZE, INPUT_SIZE)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"APFormer expects input of shape (B, {in_channels}, 256, 256), got "
-                         f"{tuple(x.shape)}")  # fmt: skip
+        raise ValueError(
+            f"APFormer expects input of shape (B, {in_channels}, 256, 256), got {tuple(x.shape)}"
+        )

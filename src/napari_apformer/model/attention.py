@@ -161,8 +161,14 @@ class PruningAttention(nn.Module):
         if x.device.type == "cpu":  # keep each score tensor small enough for malloc to reuse
             chunk = max(1, CPU_SCORE_BYTES // max(1, heads * n * tokens * x.element_size()))
         parts = [
-            self._attend(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk],
-                         query_index[i : i + chunk], gate, capture)  # fmt: skip
+            self._attend(
+                q[i : i + chunk],
+                k[i : i + chunk],
+                v[i : i + chunk],
+                query_index[i : i + chunk],
+                gate,
+                capture,
+            )
             for i in range(0, batch, chunk)
         ]
         out = torch.cat([p[0] for p in parts]).transpose(1, 2).reshape(batch, n, inner)
@@ -197,8 +203,9 @@ class PruningAttention(nn.Module):
         del scores
         out = torch.matmul(pruned.weights, v) / pruned.normaliser
         if not capture:  # the weights are large; keep only what is needed
-            pruned = PrunedAttention(pruned.weights[..., :0], pruned.normaliser,
-                                     pruned.kept_per_query, None)  # fmt: skip
+            pruned = PrunedAttention(
+                pruned.weights[..., :0], pruned.normaliser, pruned.kept_per_query, None
+            )
         return out, pruned
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
@@ -247,9 +254,12 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(hidden, dim), nn.Dropout(dropout),
-        )  # fmt: skip
+            nn.Linear(dim, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -258,16 +268,19 @@ class FeedForward(nn.Module):
 class Transformer(nn.Module):
     """Pre-norm layers: x += Attn(LN(x)); x += FFN(LN(x))."""
 
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp: int, grid: int,
-                 dropout: float) -> None:  # fmt: skip
+    def __init__(
+        self, dim: int, depth: int, heads: int, dim_head: int, mlp: int, grid: int, dropout: float
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                PreNorm(dim, PruningAttention(dim, heads, dim_head, grid, dropout)),
-                PreNorm(dim, FeedForward(dim, mlp, dropout)),
-            ])
+            nn.ModuleList(
+                [
+                    PreNorm(dim, PruningAttention(dim, heads, dim_head, grid, dropout)),
+                    PreNorm(dim, FeedForward(dim, mlp, dropout)),
+                ]
+            )
             for _ in range(depth)
-        )  # fmt: skip
+        )
 
 
 class PatchTokens(nn.Module):
@@ -286,8 +299,16 @@ class TransformerOutput:
 class PruningTransformer(nn.Module):
     """trans4 of the release: pruning head, token embedding and the pruned transformer."""
 
-    def __init__(self, channels: int = 128, grid: int = 32, depth: int = 4, heads: int = 6,
-                 dim_head: int = 128, mlp: int = 512, dropout: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channels: int = 128,
+        grid: int = 32,
+        depth: int = 4,
+        heads: int = 6,
+        dim_head: int = 128,
+        mlp: int = 512,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.grid = grid
         self.pred_class = nn.Conv2d(channels, 2, kernel_size=1)
@@ -317,13 +338,17 @@ class PruningTransformer(nn.Module):
         traces = []
         for (attn, ffn), gate in zip(self.transformer.layers, gates, strict=True):
             if query_index.shape[1] > 0:
-                update, trace = attn.fn(attn.norm(tokens), query_index, query_valid, gate,
-                                        capture, content_attention)  # fmt: skip
+                update, trace = attn.fn(
+                    attn.norm(tokens), query_index, query_valid, gate, capture, content_attention
+                )
                 tokens = tokens + update
             else:
                 heads = attn.fn.heads
-                trace = LayerTrace(kept_per_query=torch.zeros(batch, heads, keep.shape[1],
-                                                              dtype=torch.int32, device=keep.device))
+                trace = LayerTrace(
+                    kept_per_query=torch.zeros(
+                        batch, heads, keep.shape[1], dtype=torch.int32, device=keep.device
+                    )
+                )
             tokens = tokens + ffn.fn(ffn.norm(tokens))
             traces.append(trace)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)

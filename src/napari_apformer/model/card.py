@@ -11,9 +11,23 @@ from napari_apformer.errors import InputError
 
 CARD_VERSION = 1
 DEFAULT_COLOURS = [
-    "#000000", "#e6194b", "#3cb44b", "#4363d8", "#ffe119", "#f58231", "#911eb4", "#46f0f0",
-    "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#000075",
-]  # fmt: skip
+    "#000000",
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#ffe119",
+    "#f58231",
+    "#911eb4",
+    "#46f0f0",
+    "#f032e6",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#e6beff",
+    "#9a6324",
+    "#800000",
+    "#000075",
+]
 
 
 @dataclass
@@ -64,8 +78,11 @@ class ModelCard:
     def generic(name: str, in_channels: int, n_classes: int) -> ModelCard:
         """A card for weights that came without one (the authors' checkpoints)."""
         classes = [
-            ClassInfo(k, "background" if k == 0 else f"class {k}",
-                      DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)])  # fmt: skip
+            ClassInfo(
+                k,
+                "background" if k == 0 else f"class {k}",
+                DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)],
+            )
             for k in range(n_classes)
         ]
         # The release scales inputs to [0, 1] without clipping outliers: min-max does that.

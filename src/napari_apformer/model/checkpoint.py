@@ -64,8 +64,9 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard | None]
     if path.suffix == ".safetensors":
         card = ModelCard.read(path.with_suffix(".json"))
         if card.sha256 is not None and sha256_of(path) != card.sha256:
-            raise InputError("SHA-256 differs from the model card: the file is corrupt or was "
-                             "replaced", path)  # fmt: skip
+            raise InputError(
+                "SHA-256 differs from the model card: the file is corrupt or was replaced", path
+            )
         try:
             return load_file(str(path)), card
         except (SafetensorError, OSError, ValueError) as error:
@@ -80,8 +81,10 @@ def read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0]
-        raise InputError(f"refused: the file holds more than tensors, and loading it could run "
-                         f"code ({first})", path) from None  # fmt: skip
+        raise InputError(
+            f"refused: the file holds more than tensors, and loading it could run code ({first})",
+            path,
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise InputError(f"not a readable PyTorch checkpoint ({error})", path) from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
@@ -105,20 +108,25 @@ def model_from_state_dict(state: dict[str, torch.Tensor], source: object) -> APF
         in_channels = state["inc.double_conv.0.weight"].shape[1]
         n_classes = state["outc.conv.weight"].shape[0]
     except (KeyError, IndexError):
-        raise InputError("not APFormer weights: the first or last convolution is missing",
-                         source) from None  # fmt: skip
+        raise InputError(
+            "not APFormer weights: the first or last convolution is missing", source
+        ) from None
     model = APFormer(in_channels, n_classes)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = (f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "") + (
-            f" {len(unexpected)} unexpected (e.g. {unexpected[:2]})" if unexpected else "")
+            f" {len(unexpected)} unexpected (e.g. {unexpected[:2]})" if unexpected else ""
+        )
         raise InputError(f"not APFormer weights: {detail.strip()}", source)
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise InputError(f"wrong shape for {key}: {tuple(tensor.shape)}, expected "
-                             f"{tuple(expected[key].shape)}", source)  # fmt: skip
+            raise InputError(
+                f"wrong shape for {key}: {tuple(tensor.shape)}, expected "
+                f"{tuple(expected[key].shape)}",
+                source,
+            )
         if not (tensor.is_floating_point() or key.endswith("num_batches_tracked")):
             raise InputError(f"wrong dtype for {key}: {tensor.dtype}", source)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -131,10 +139,13 @@ def check_card_fits(card: ModelCard, model: APFormer, source: object) -> None:
     if card.in_channels != model.in_channels or card.n_classes != model.n_classes:
         raise InputError(
             f"model card says {card.in_channels} channels and {card.n_classes} classes, the "
-            f"tensors have {model.in_channels} and {model.n_classes}", source)  # fmt: skip
+            f"tensors have {model.in_channels} and {model.n_classes}",
+            source,
+        )
     if len(card.gates) != model.depth:
-        raise InputError(f"model card has {len(card.gates)} gates, the model {model.depth} "
-                         "layers", source)  # fmt: skip
+        raise InputError(
+            f"model card has {len(card.gates)} gates, the model {model.depth} layers", source
+        )
 
 
 def save_weights(model: APFormer, card: ModelCard, path: Path) -> None:

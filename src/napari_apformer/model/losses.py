@@ -13,7 +13,9 @@ from napari_apformer.model.apformer import PATCH, ModelOutput
 SEGMENTATION_WEIGHT, SSA_WEIGHT, HEAD_WEIGHT = 0.8, 0.1, 0.1
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5
+) -> torch.Tensor:
     """1 - mean over foreground classes of the batch Dice of softmax(logits) against target."""
     n_classes = logits.shape[1]
     probs = torch.softmax(logits, dim=1)

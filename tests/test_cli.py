@@ -1,0 +1,105 @@
+"""The command line: outputs keep geometry, nothing is overwritten, errors are one line."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import SAMPLE
+from napari_apformer.cli import main
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "brain.nii.gz"
+    shutil.copy(SAMPLE, path)
+    return path
+
+
+def test_predict_nifti_keeps_affine_and_header(tmp_path, sample, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(sample), "-o", str(out), "--token-threshold", "0.8"]) == 0
+    result = out / "brain_seg.nii.gz"
+    source, labels = nib.load(sample), nib.load(result)
+    assert np.array_equal(labels.affine, source.affine) and labels.shape == source.shape
+    assert labels.get_data_dtype() == np.uint8
+    assert labels.header.get_zooms() == source.header.get_zooms()
+    table = json.loads((out / "brain_seg.json").read_text())
+    assert [c["value"] for c in table["labels"]] == [0, 1, 2, 3]
+    assert table["token_threshold"] == 0.8
+    captured = capsys.readouterr()
+    assert "placeholder" in captured.err and "kept tokens" in captured.out
+
+
+def test_existing_output_is_not_overwritten_without_asking(tmp_path, sample, capsys):
+    target = tmp_path / "mine.nii.gz"
+    target.write_bytes(b"precious")
+    assert main(["predict", str(sample), "-o", str(target)]) == 1
+    assert target.read_bytes() == b"precious"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["predict", str(sample), "-o", str(target), "--overwrite", "--axis", "2"]) == 0
+    assert nib.load(target).shape == nib.load(sample).shape
+
+
+def test_folder_with_a_bad_file_reports_it_and_does_the_rest(tmp_path, sample, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sample, folder / "a.nii.gz")
+    (folder / "b.png").write_text("not an image")
+    iio.imwrite(
+        folder / "c.png", (np.random.default_rng(0).random((40, 60)) * 255).astype(np.uint8)
+    )
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), "-o", str(out), "--batch-size", "1"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_seg.json",
+        "a_seg.nii.gz",
+        "c_seg.json",
+        "c_seg.png",
+    ]
+    assert iio.imread(out / "c_seg.png").shape == (40, 60)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "b.png" in errors[0] and "not a readable PNG" in errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "missing.nii.gz", "-o", "x"], "not found"),
+        (["predict", "{sample}", "-o", "x", "--gate", "1,2"], "gate"),
+        (["predict", "{sample}", "-o", "x", "--token-threshold", "2"], "token_threshold"),
+        (["predict", "{sample}", "-o", "x", "--weights", "nope.pth"], "not found"),
+        (["predict", "{sample}", "-o", "x", "--axis", "oblique"], "--axis"),
+        (["predict", "{sample}", "-o", "x.png"], "NIfTI labels"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    tmp_path, sample, capsys, monkeypatch, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    assert main([a.replace("{sample}", str(sample)) for a in args]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "placeholder-random-init" in out and "devices: " in out
+
+
+def test_console_script_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "napari_apformer.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith("napari-apformer ")
