@@ -129,3 +129,20 @@ def test_compute_falls_with_kept_tokens(official, official_model):
     (full, _), (pruned, kept) = counts[1.0], counts[0.9]
     assert kept < 0.7
     assert pruned < 0.8 * full
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.9, 0.5])
+def test_reused_first_layer_gives_the_same_output(official, official_model, tau):
+    """Layer 1's output per token does not depend on the keep mask, so reusing it is exact."""
+    x = torch.from_numpy(official["input"])
+    with torch.inference_mode():
+        encoded = official_model.encode(x)
+        plain = official_model.decode(encoded, tau, gate=-1.0)
+        official_model.add_first_layer(encoded, -1.0)
+        reused = official_model.decode(encoded, tau, gate=-1.0)
+        other_gate = official_model.decode(encoded, tau, gate=0.0)  # must not reuse
+        fresh_other = official_model(x, tau, gate=0.0)
+    assert torch.equal(plain.keep, reused.keep)
+    torch.testing.assert_close(reused.logits, plain.logits, atol=1e-4, rtol=0)
+    assert torch.equal(reused.kept_dependencies, plain.kept_dependencies)
+    assert torch.equal(other_gate.logits, fresh_other.logits)

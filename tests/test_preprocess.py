@@ -99,3 +99,14 @@ def test_bad_inputs_get_clear_messages(data, message):
     with pytest.raises(InputError, match=message) as error:
         prepare(data)
     assert str(error.value).startswith("scan.nii: ")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+@pytest.mark.parametrize("shape", [(20, 20), (3, 20, 20)])
+def test_the_users_array_is_never_modified(dtype, shape):
+    data = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
+    original = data.copy()
+    prepared = prepare(data, axis=0)
+    for i in range(prepared.n_slices):
+        prepared.slice_input(i)
+    assert np.array_equal(data, original)

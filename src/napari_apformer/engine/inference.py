@@ -201,8 +201,14 @@ class Segmenter:
             result.stats.seconds = time.perf_counter() - started
             yield Progress(done, len(result.slices))
 
-    def _encode(self, inputs: torch.Tensor, fill_cache: bool) -> tuple[EncodedSlices, list[bool]]:
-        """Encoder features for a batch, from the cache where present; which slices were hits."""
+    def _encode(
+        self, inputs: torch.Tensor, fill_cache: bool, first_gate: float | None
+    ) -> tuple[EncodedSlices, list[bool]]:
+        """Encoder features for a batch, from the cache where present; which slices were hits.
+
+        When filling the cache, each slice also keeps layer 1's output for every token at
+        `first_gate`, so that later threshold changes skip layer 1 too.
+        """
         keys = [
             (
                 self._weights_key,
@@ -212,15 +218,20 @@ class Segmenter:
             for x in inputs
         ]
         found = [self.encoder_cache.get(key) for key in keys]
-        missing = [k for k, item in enumerate(found) if item is None]
         hits = [item is not None for item in found]
-        fresh = self.model.encode(inputs[missing].to(self.device)) if missing else None
-        for j, k in enumerate(missing):
-            found[k] = fresh.select([j])  # a copy: the batch tensors are not kept alive
-            if fill_cache:
-                self.encoder_cache.put(keys[k], found[k], found[k].nbytes())
-        if fresh is not None and len(missing) == len(found):
-            return fresh, hits
+        missing = [k for k, item in enumerate(found) if item is None]
+        if missing:
+            fresh = self.model.encode(inputs[missing].to(self.device))
+            if not fill_cache and len(missing) == len(found):
+                return fresh, hits
+            for j, k in enumerate(missing):
+                found[k] = fresh.select([j])  # a copy: the batch tensors are not kept alive
+        if fill_cache:
+            for key, item in zip(keys, found, strict=True):
+                stale = item.first_layer is None or item.first_layer.gate != first_gate
+                if first_gate is not None and stale:
+                    self.model.add_first_layer(item, first_gate)
+                self.encoder_cache.put(key, item, item.nbytes())
         return EncodedSlices.cat(found), hits  # type: ignore[arg-type]
 
     def _run_batch(
@@ -234,10 +245,11 @@ class Segmenter:
     ) -> None:
         box = image.letterbox
         pixels = torch.from_numpy(np.stack([image.slice_input(i) for i in batch]))
-        encoded, hits = self._encode(box.to_model(pixels), fill_cache)
+        first_gate = None if capture else result.gates[0]
+        encoded, hits = self._encode(box.to_model(pixels), fill_cache, first_gate)
         out = self.model.decode(encoded, result.token_threshold, result.gates, capture=capture)
         logits = box.to_image(out.logits).float()
-        slice_labels = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        slice_labels = logits.permute(0, 2, 3, 1).argmax(dim=-1).to(torch.uint8).cpu().numpy()
         probs = (
             torch.softmax(logits, dim=1).cpu().numpy() if result.probabilities is not None else None
         )

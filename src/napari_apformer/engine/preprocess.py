@@ -131,7 +131,7 @@ class PreparedImage:
 
     def slice_input(self, index: int) -> np.ndarray:
         """(in_channels, H, W) float32 in [0, 1]."""
-        pixels = np.asarray(self.slice_pixels(index), dtype=np.float32)
+        pixels = np.array(self.slice_pixels(index), dtype=np.float32)  # a copy: never the user's
         if self.rgb:
             pixels = pixels[..., :3]
             if self.in_channels == 1:

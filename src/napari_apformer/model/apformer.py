@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_apformer.errors import InputError
-from napari_apformer.model.attention import LayerTrace, PruningTransformer
+from napari_apformer.model.attention import FirstLayer, LayerTrace, PruningTransformer
 from napari_apformer.model.card import ModelCard
 
 INPUT_SIZE = 256
@@ -96,29 +96,47 @@ class OutConv(nn.Module):
 
 @dataclass
 class EncodedSlices:
-    """Everything of a forward pass that does not depend on token_threshold or gate."""
+    """Everything of a forward pass that does not depend on token_threshold, and optionally
+    layer 1's output for every token at one gate (see APFormer.add_first_layer)."""
 
     x4: torch.Tensor  # (B, 128, 32, 32)
     token_logits: torch.Tensor  # (B, 2, 32, 32)
     skip_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # for up2, up3, up4
+    first_layer: FirstLayer | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.x4, self.token_logits, *self.skip_parts]
+        extra = self.first_layer.tensors() if self.first_layer is not None else []
+        return [self.x4, self.token_logits, *self.skip_parts, *extra]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def select(self, index: slice | Sequence[int]) -> EncodedSlices:
+    def select(self, index: Sequence[int]) -> EncodedSlices:
+        """A copy of the slices at `index` (index lists copy, so the batch is not kept alive)."""
         parts = tuple(t[index] for t in self.skip_parts)
-        return EncodedSlices(self.x4[index], self.token_logits[index], parts)  # type: ignore[arg-type]
+        first = self.first_layer
+        if first is not None:
+            first = FirstLayer(first.gate, first.update[index], first.kept_per_query[index])
+        return EncodedSlices(self.x4[index], self.token_logits[index], parts, first)  # type: ignore[arg-type]
 
     @staticmethod
     def cat(items: Sequence[EncodedSlices]) -> EncodedSlices:
+        if len(items) == 1:
+            return items[0]
         parts = tuple(torch.cat([i.skip_parts[k] for i in items]) for k in range(3))
+        firsts = [i.first_layer for i in items]
+        first = None
+        if all(f is not None for f in firsts) and len({f.gate for f in firsts}) == 1:
+            first = FirstLayer(
+                firsts[0].gate,
+                torch.cat([f.update for f in firsts]),
+                torch.cat([f.kept_per_query for f in firsts]),
+            )
         return EncodedSlices(
             torch.cat([i.x4 for i in items]),
             torch.cat([i.token_logits for i in items]),
             parts,  # type: ignore[arg-type]
+            first,
         )
 
 
@@ -177,7 +195,7 @@ class APFormer(nn.Module):
     ) -> ModelOutput:
         keep = self.keep_mask(encoded.token_logits, token_threshold)
         gates = self.gate_values(gate, encoded.x4)
-        out = self.trans4(encoded.x4, keep, gates, capture, content_attention)
+        out = self.trans4(encoded.x4, keep, gates, capture, content_attention, encoded.first_layer)
         y = self.conv4(out.features)
         y = self.up2(y, encoded.skip_parts[0])
         y = self.up3(y, encoded.skip_parts[1])
@@ -199,6 +217,10 @@ class APFormer(nn.Module):
         None takes the model's defaults (the checkpoint's own values).
         """
         return self.decode(self.encode(x), token_threshold, gate, capture, content_attention)
+
+    def add_first_layer(self, encoded: EncodedSlices, gate: float) -> None:
+        """Compute and attach layer 1's output for every token at `gate` (see EncodedSlices)."""
+        encoded.first_layer = self.trans4.first_layer_all(encoded.x4, gate)
 
     def keep_mask(self, token_logits: torch.Tensor, token_threshold: float | None) -> torch.Tensor:
         tau = self.default_token_threshold if token_threshold is None else token_threshold

@@ -213,18 +213,18 @@ class PruningAttention(nn.Module):
         batch, heads, n, dim_head = q.shape
         tokens = k.shape[2]
         bias = self.position_bias()
-        if batch == 1 and n == tokens:  # nothing pruned: the bias needs no gathering
-            bias_rows = bias
-        elif batch == 1:
-            bias_rows = bias.index_select(1, query_index[0])
-        else:
-            bias_rows = bias[:, query_index].transpose(0, 1).reshape(batch * heads, n, tokens)
-        scores = torch.baddbmm(
-            bias_rows,
-            q.reshape(batch * heads, n, dim_head),
-            k.reshape(batch * heads, tokens, dim_head).transpose(1, 2),
-            alpha=self.scale,
-        )
+        q = q.reshape(batch * heads, n, dim_head)
+        keys = k.reshape(batch * heads, tokens, dim_head).transpose(1, 2)
+        if batch == 1 and n == tokens:  # nothing pruned: the shared bias is the start
+            scores = torch.baddbmm(bias, q, keys, alpha=self.scale)
+        else:  # the gathered rows are a fresh copy: accumulate into them in place
+            rows = (
+                bias.index_select(1, query_index[0])
+                if batch == 1
+                else bias[:, query_index].transpose(0, 1).reshape(batch * heads, n, tokens)
+            )
+            out = None if torch.is_grad_enabled() else rows  # out= has no autograd
+            scores = torch.baddbmm(rows, q, keys, alpha=self.scale, out=out)
         return scores.view(batch, heads, n, tokens)
 
     def _all_queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +291,18 @@ class PatchTokens(nn.Module):
 
 
 @dataclass
+class FirstLayer:
+    """Layer 1's attention output for every token at one gate (see first_layer_all)."""
+
+    gate: float
+    update: torch.Tensor  # (B, N, C)
+    kept_per_query: torch.Tensor  # (B, H, N)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.update, self.kept_per_query]
+
+
+@dataclass
 class TransformerOutput:
     features: torch.Tensor  # (B, C, h, w)
     traces: list[LayerTrace]
@@ -330,29 +342,54 @@ class PruningTransformer(nn.Module):
         gates: torch.Tensor,
         capture: bool = False,
         content_attention: bool = False,
+        first_layer: FirstLayer | None = None,
     ) -> TransformerOutput:
-        """keep: (B, N) bool kept queries; gates: (depth,) gate per layer."""
+        """keep: (B, N) bool kept queries; gates: (depth,) gate per layer.
+
+        first_layer: layer 1's output for every token at gates[0], from `first_layer_all`;
+        used instead of recomputing layer 1 when its gate matches and nothing is captured.
+        """
         batch, channels, height, width = x4.shape
         query_index, query_valid = kept_query_index(keep)
-        tokens = self.dropout(self.to_patch_embedding(x4))
+        tokens = self.embed(x4)
+        reuse_first = (
+            first_layer is not None
+            and first_layer.gate == float(gates[0])
+            and not (capture or content_attention)
+        )
         traces = []
-        for (attn, ffn), gate in zip(self.transformer.layers, gates, strict=True):
-            if query_index.shape[1] > 0:
+        for depth, ((attn, ffn), gate) in enumerate(
+            zip(self.transformer.layers, gates, strict=True)
+        ):
+            if depth == 0 and reuse_first:
+                tokens = tokens + first_layer.update * keep[..., None]
+                trace = LayerTrace(kept_per_query=first_layer.kept_per_query * keep[:, None, :])
+            elif query_index.shape[1] > 0:
                 update, trace = attn.fn(
                     attn.norm(tokens), query_index, query_valid, gate, capture, content_attention
                 )
                 tokens = tokens + update
             else:
-                heads = attn.fn.heads
-                trace = LayerTrace(
-                    kept_per_query=torch.zeros(
-                        batch, heads, keep.shape[1], dtype=torch.int32, device=keep.device
-                    )
-                )
+                shape = (batch, attn.fn.heads, keep.shape[1])
+                trace = LayerTrace(torch.zeros(shape, dtype=torch.int32, device=keep.device))
             tokens = tokens + ffn.fn(ffn.norm(tokens))
             traces.append(trace)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
         return TransformerOutput(features=features, traces=traces)
+
+    def embed(self, x4: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.to_patch_embedding(x4))
+
+    def first_layer_all(self, x4: torch.Tensor, gate: float) -> FirstLayer:
+        """Layer 1's attention output for every token. It depends on the encoder features and
+        the gate only, not on which tokens are kept, so a threshold change can reuse it."""
+        tokens = self.embed(x4)
+        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        query_index, query_valid = kept_query_index(keep)
+        attn = self.transformer.layers[0][0]
+        gate_tensor = torch.tensor(gate, dtype=tokens.dtype, device=tokens.device)
+        update, trace = attn.fn(attn.norm(tokens), query_index, query_valid, gate_tensor)
+        return FirstLayer(float(gate), update, trace.kept_per_query)
 
 
 def scatter_queries(
