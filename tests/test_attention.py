@@ -146,3 +146,20 @@ def test_reused_first_layer_gives_the_same_output(official, official_model, tau)
     torch.testing.assert_close(reused.logits, plain.logits, atol=1e-4, rtol=0)
     assert torch.equal(reused.kept_dependencies, plain.kept_dependencies)
     assert torch.equal(other_gate.logits, fresh_other.logits)
+
+
+def test_transformer_batch_with_different_keep_masks_equals_single_images(official, official_model):
+    """The padded multi-image path (used on GPUs; the CPU model runs images one by one)."""
+    with torch.inference_mode():
+        encoded = official_model.encode(torch.from_numpy(official["input"]))
+        keep = official_model.keep_mask(encoded.token_logits, 0.9)
+        keep[1, :700] = False  # make the counts differ a lot
+        gates = official_model.gate_values(-2.0, encoded.x4)
+        trans = official_model.trans4
+        batch = trans(encoded.x4, keep, gates, capture=True)
+        for i in range(2):
+            single = trans(encoded.x4[i : i + 1], keep[i : i + 1], gates, capture=True)
+            torch.testing.assert_close(batch.features[i], single.features[0], atol=1e-4, rtol=0)
+            for b, s in zip(batch.traces, single.traces, strict=True):
+                assert torch.equal(b.kept_per_query[i], s.kept_per_query[0])
+                torch.testing.assert_close(b.record.attention[i], s.record.attention[0])

@@ -39,7 +39,6 @@ from napari_apformer.model.attention import AttentionRecord
 from napari_apformer.model.card import ModelCard
 
 DEFAULT_CACHE_BYTES = 512 * 2**20
-CPU_BATCH = 2  # on the CPU larger batches only add memory traffic (benchmarks/bench_inference.py)
 
 
 @dataclass
@@ -110,7 +109,7 @@ class Segmenter:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.card = model.card or ModelCard.generic("unnamed", model.in_channels, model.n_classes)
-        self.batch_size = batch_size if self.device.type != "cpu" else min(batch_size, CPU_BATCH)
+        self.batch_size = batch_size
         self.encoder_cache: ByteLRU[EncodedSlices] = ByteLRU(cache_bytes)
         self._weights_key = self.card.sha256 or f"model-{id(model)}"
         self._encoder_flops = encoder_flops(model)

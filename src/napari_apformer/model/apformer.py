@@ -111,8 +111,8 @@ class EncodedSlices:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def select(self, index: Sequence[int]) -> EncodedSlices:
-        """A copy of the slices at `index` (index lists copy, so the batch is not kept alive)."""
+    def select(self, index: slice | Sequence[int]) -> EncodedSlices:
+        """Slices at `index`: views for a slice, a copy for a list (not keeping the batch)."""
         parts = tuple(t[index] for t in self.skip_parts)
         first = self.first_layer
         if first is not None:
@@ -152,6 +152,16 @@ class ModelOutput:
         """(B,) kept (query, key) pairs summed over layers and heads."""
         return torch.stack([t.kept_dependencies for t in self.layers]).sum(dim=0)
 
+    @staticmethod
+    def cat(parts: Sequence[ModelOutput]) -> ModelOutput:
+        layers = [LayerTrace.cat([p.layers[k] for p in parts]) for k in range(len(parts[0].layers))]
+        return ModelOutput(
+            torch.cat([p.logits for p in parts]),
+            torch.cat([p.token_logits for p in parts]),
+            torch.cat([p.keep for p in parts]),
+            layers,
+        )
+
 
 class APFormer(nn.Module):
     """APFormer for `in_channels` input channels and `n_classes` classes (256 x 256 input)."""
@@ -176,8 +186,16 @@ class APFormer(nn.Module):
     def depth(self) -> int:
         return len(self.trans4.transformer.layers)
 
+    def _one_at_a_time(self, batch: torch.Tensor) -> bool:
+        """At inference on the CPU, images go through one by one: batching gains no speed
+        there, and tensors of several images exceed what malloc reuses, so each pass would
+        fault fresh pages (docs/performance.md). Training keeps batches for BatchNorm."""
+        return batch.device.type == "cpu" and batch.shape[0] > 1 and not self.training
+
     def encode(self, x: torch.Tensor) -> EncodedSlices:
         _check_input(x, self.in_channels)
+        if self._one_at_a_time(x):
+            return EncodedSlices.cat([self.encode(x[i : i + 1]) for i in range(x.shape[0])])
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -193,6 +211,11 @@ class APFormer(nn.Module):
         capture: bool = False,
         content_attention: bool = False,
     ) -> ModelOutput:
+        if self._one_at_a_time(encoded.x4):
+            settings = (token_threshold, gate, capture, content_attention)
+            parts = [self.decode(encoded.select(slice(i, i + 1)), *settings)
+                     for i in range(encoded.x4.shape[0])]  # fmt: skip
+            return ModelOutput.cat(parts)
         keep = self.keep_mask(encoded.token_logits, token_threshold)
         gates = self.gate_values(gate, encoded.x4)
         out = self.trans4(encoded.x4, keep, gates, capture, content_attention, encoded.first_layer)

@@ -7,6 +7,7 @@ n kept queries of an image (padded to the largest n of the batch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_GATE = -2.0
-CPU_SCORE_BYTES = 24 * 2**20  # glibc reuses freed blocks below 32 MiB; larger ones fault anew
 GAUSSIAN_WEIGHT = 0.01
 
 
@@ -48,6 +48,26 @@ class LayerTrace:
     kept_per_query: torch.Tensor  # (B, H, N) int32 keys kept by each query, 0 for pruned queries
     record: AttentionRecord | None = None
     content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
+
+    @staticmethod
+    def cat(traces: Sequence[LayerTrace]) -> LayerTrace:
+        """Join the traces of parts of a batch."""
+
+        def joined(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        records = [t.record for t in traces]
+        record = None
+        if all(r is not None for r in records):
+            record = AttentionRecord(
+                torch.cat([r.attention for r in records]),
+                torch.cat([r.attention_before for r in records]),
+            )
+        return LayerTrace(
+            kept_per_query=torch.cat([t.kept_per_query for t in traces]),
+            record=record,
+            content_attention=joined([t.content_attention for t in traces]),
+        )
 
     @property
     def kept_dependencies(self) -> torch.Tensor:
@@ -157,29 +177,16 @@ class PruningAttention(nn.Module):
         x_kept = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         q = F.linear(x_kept, weight[:inner]).view(batch, n, heads, dim_head).transpose(1, 2)
 
-        chunk = batch
-        if x.device.type == "cpu":  # keep each score tensor small enough for malloc to reuse
-            chunk = max(1, CPU_SCORE_BYTES // max(1, heads * n * tokens * x.element_size()))
-        parts = [
-            self._attend(
-                q[i : i + chunk],
-                k[i : i + chunk],
-                v[i : i + chunk],
-                query_index[i : i + chunk],
-                gate,
-                capture,
-            )
-            for i in range(0, batch, chunk)
-        ]
-        out = torch.cat([p[0] for p in parts]).transpose(1, 2).reshape(batch, n, inner)
+        out, pruned = self._attend(q, k, v, query_index, gate, capture)
+        out = out.transpose(1, 2).reshape(batch, n, inner)
         result = scatter_queries(self.to_out(out), query_index, query_valid, tokens)
 
         to_grid = _query_rows_to_grid(query_index, query_valid, tokens)
-        trace = LayerTrace(kept_per_query=to_grid(torch.cat([p[1].kept_per_query for p in parts])))
+        trace = LayerTrace(kept_per_query=to_grid(pruned.kept_per_query))
         if capture:
             trace.record = AttentionRecord(
-                attention=to_grid(torch.cat([p[1].weights / p[1].normaliser for p in parts])),
-                attention_before=to_grid(torch.cat([p[1].before for p in parts])),
+                attention=to_grid(pruned.weights / pruned.normaliser),
+                attention_before=to_grid(pruned.before),
             )
         if content_attention:
             trace.content_attention = torch.softmax(
