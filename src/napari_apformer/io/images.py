@@ -22,7 +22,10 @@ def read_image(path: Path) -> ImageFile:
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path)
     try:
-        data = tifffile.imread(path) if suffix in (".tif", ".tiff") else iio.imread(path)
+        if suffix in (".tif", ".tiff"):
+            data = tifffile.imread(path)
+        else:  # name the decoder: probing every imageio plugin gives odd messages
+            data = iio.imread(path, plugin="pillow")
     except Exception as error:  # the decoders raise many types for a bad file
         text = (
             str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
