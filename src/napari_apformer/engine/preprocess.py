@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_apformer.errors import InputError
+from napari_apformer.io.image_file import spatial_ndim
 from napari_apformer.model.apformer import INPUT_SIZE, PATCH, TOKEN_GRID
 from napari_apformer.model.card import Normalisation
 
@@ -167,13 +168,7 @@ def prepare_image(
         raise InputError(f"unsupported pixel type {data.dtype}", source)
     if rgb and (data.ndim not in (3, 4) or data.shape[-1] not in (3, 4)):
         raise InputError(f"colour images need 3 or 4 channels last, got shape {data.shape}", source)
-    spatial = data.ndim - int(rgb)
-    if spatial not in (2, 3):
-        raise InputError(
-            f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
-            "image (grey or RGB) or a 3D volume",
-            source,
-        )
+    spatial = spatial_ndim(data, rgb, source)
     if not rgb and in_channels == 3:
         raise InputError("these weights expect colour (RGB) images; this image is grey", source)
     if rgb and in_channels not in (1, 3):

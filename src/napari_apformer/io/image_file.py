@@ -7,7 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_apformer.errors import InputError
 from napari_apformer.io.geometry import Reorientation
+
+
+def spatial_ndim(data: np.ndarray, rgb: bool, source: object) -> int:
+    """2 or 3 spatial axes (colour last when rgb); InputError for anything else."""
+    spatial = data.ndim - int(rgb)
+    if spatial not in (2, 3):
+        raise InputError(
+            f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D image "
+            "(grey or RGB) or a 3D volume",
+            source,
+        )
+    return spatial
 
 
 @dataclass

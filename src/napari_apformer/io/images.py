@@ -10,7 +10,7 @@ import tifffile
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
-from napari_apformer.io.image_file import ImageFile
+from napari_apformer.io.image_file import ImageFile, spatial_ndim
 
 FORMAT_NAMES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -42,13 +42,7 @@ def read_image(path: Path) -> ImageFile:
     rgb = data.ndim >= 3 and data.shape[-1] in (3, 4)
     if data.ndim >= 3 and data.shape[-1] == 2:  # grey + alpha
         data = data[..., 0]
-    spatial = data.ndim - int(rgb)
-    if spatial not in (2, 3):
-        raise InputError(
-            f"{data.ndim}D data of shape {data.shape} is not supported: give a 2D "
-            "image (grey or RGB) or a 3D stack",
-            path,
-        )
+    spatial = spatial_ndim(data, rgb, path)
     return ImageFile(data=data, source=path, rgb=rgb, spacing=(1.0,) * spatial)
 
 
