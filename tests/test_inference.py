@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from napari_apformer.engine.inference import Segmenter
+from napari_apformer.engine.stats import decoder_flops, encoder_flops, first_layer_flops
 
 
 @pytest.fixture
@@ -46,7 +47,15 @@ def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model,
     assert first.stats.encoder_cache_hits == 0
     second = segmenter.segment(prepared, slices=[0], token_threshold=0.6, gate=0.0)
     assert second.stats.encoder_cache_hits == 1
-    assert second.stats.flops < first.stats.flops  # no encoder, fewer tokens
+    model = segmenter.model
+    kept_first, kept_second = first.stats.kept_tokens, second.stats.kept_tokens
+    assert first.stats.flops == (  # encoder, layer 1 for every token, the rest for kept ones
+        encoder_flops(model) + first_layer_flops(model) + decoder_flops(model, kept_first, True)
+    )
+    # the gate changed, so layer 1 is recomputed for every token at the new gate
+    assert second.stats.flops == first_layer_flops(model) + decoder_flops(model, kept_second, True)
+    third = segmenter.segment(prepared, slices=[0], token_threshold=0.7, gate=0.0)
+    assert third.stats.flops == decoder_flops(model, third.stats.kept_tokens, True)
     fresh = Segmenter(official_model, device="cpu")
     expected = fresh.segment(
         fresh.prepare(volume, axis=0), slices=[0], token_threshold=0.6, gate=0.0

@@ -48,3 +48,29 @@ def test_run_stats_fractions():
     assert stats.kept_dependency_fraction == 0.5
     assert stats.ms_per_slice == 250
     assert "50.0 %" in stats.summary()
+
+
+@pytest.mark.parametrize("kept", [TOKENS, 300])
+def test_counted_flops_with_cached_first_layer_equal_measured(official_model, kept):
+    from napari_apformer.engine.stats import decoder_flops, first_layer_flops
+
+    keep = torch.zeros(1, TOKENS, dtype=torch.bool)
+    keep[0, :kept] = True
+    with torch.inference_mode():
+        encoded = official_model.encode(torch.rand(1, 1, 256, 256))
+        with FlopCounterMode(display=False) as fill:
+            official_model.add_first_layer(encoded, -2.0)
+        gates = official_model.gate_values(-2.0, encoded.x4)
+        with FlopCounterMode(display=False) as reuse:
+            out = official_model.trans4(encoded.x4, keep, gates, first_layer=encoded.first_layer)
+            y = official_model.conv4(out.features)
+            for up, part in zip(
+                (official_model.up2, official_model.up3, official_model.up4),
+                encoded.skip_parts,
+                strict=True,
+            ):
+                y = up(y, part)
+            official_model.outc(y)
+    assert out.first_layer_reused
+    assert first_layer_flops(official_model) == fill.get_total_flops()
+    assert decoder_flops(official_model, kept, first_layer_reused=True) == reuse.get_total_flops()

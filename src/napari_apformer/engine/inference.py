@@ -25,7 +25,13 @@ import torch
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import resolve_device
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
-from napari_apformer.engine.stats import RunStats, decoder_flops, encoder_flops, slice_flops
+from napari_apformer.engine.stats import (
+    RunStats,
+    decoder_flops,
+    encoder_flops,
+    first_layer_flops,
+    slice_flops,
+)
 from napari_apformer.errors import InputError
 from napari_apformer.model.apformer import (
     BACKGROUND,
@@ -114,6 +120,7 @@ class Segmenter:
         self._weights_key = self.card.sha256 or f"model-{id(model)}"
         self._encoder_flops = encoder_flops(model)
         self._unpruned_flops = slice_flops(model, TOKENS)
+        self._first_layer_flops = first_layer_flops(model)
 
     def prepare(
         self,
@@ -202,8 +209,9 @@ class Segmenter:
 
     def _encode(
         self, inputs: torch.Tensor, fill_cache: bool, first_gate: float | None
-    ) -> tuple[EncodedSlices, list[bool]]:
-        """Encoder features for a batch, from the cache where present; which slices were hits.
+    ) -> tuple[EncodedSlices, list[bool], int]:
+        """Encoder features for a batch, from the cache where present; which slices were hits;
+        FLOPs spent on caching layer 1.
 
         When filling the cache, each slice also keeps layer 1's output for every token at
         `first_gate`, so that later threshold changes skip layer 1 too.
@@ -222,16 +230,18 @@ class Segmenter:
         if missing:
             fresh = self.model.encode(inputs[missing].to(self.device))
             if not fill_cache and len(missing) == len(found):
-                return fresh, hits
+                return fresh, hits, 0
             for j, k in enumerate(missing):
                 found[k] = fresh.select([j])  # a copy: the batch tensors are not kept alive
+        first_layer_spent = 0
         if fill_cache:
             for key, item in zip(keys, found, strict=True):
                 stale = item.first_layer is None or item.first_layer.gate != first_gate
                 if first_gate is not None and stale:
                     self.model.add_first_layer(item, first_gate)
+                    first_layer_spent += self._first_layer_flops
                 self.encoder_cache.put(key, item, item.nbytes())
-        return EncodedSlices.cat(found), hits  # type: ignore[arg-type]
+        return EncodedSlices.cat(found), hits, first_layer_spent  # type: ignore[arg-type]
 
     def _run_batch(
         self,
@@ -245,7 +255,9 @@ class Segmenter:
         box = image.letterbox
         pixels = torch.from_numpy(np.stack([image.slice_input(i) for i in batch]))
         first_gate = None if capture else result.gates[0]
-        encoded, hits = self._encode(box.to_model(pixels), fill_cache, first_gate)
+        encoded, hits, first_layer_spent = self._encode(
+            box.to_model(pixels), fill_cache, first_gate
+        )
         out = self.model.decode(encoded, result.token_threshold, result.gates, capture=capture)
         logits = box.to_image(out.logits).float()
         slice_labels = logits.permute(0, 2, 3, 1).argmax(dim=-1).to(torch.uint8).cpu().numpy()
@@ -270,6 +282,7 @@ class Segmenter:
                 else result.probabilities[:, None]
             )
         stats = result.stats
+        stats.flops += first_layer_spent
         for j, index in enumerate(batch):
             k = position[index]
             labels[index if image.is_volume else 0] = slice_labels[j]
@@ -285,7 +298,8 @@ class Segmenter:
             stats.kept_tokens += kept
             stats.kept_dependencies += int(kept_dependencies[j])
             stats.possible_dependencies += depth * heads * kept * TOKENS
-            stats.flops += decoder_flops(self.model, kept) + (0 if hits[j] else self._encoder_flops)
+            stats.flops += decoder_flops(self.model, kept, out.first_layer_reused)
+            stats.flops += 0 if hits[j] else self._encoder_flops
             stats.flops_unpruned += self._unpruned_flops
             stats.encoder_cache_hits += int(hits[j])
             if capture:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from napari_apformer.model.apformer import INPUT_SIZE, TOKENS, APFormer
+from napari_apformer.model.attention import PruningAttention
 
 
 def _conv_flops(conv: nn.Conv2d, size: int, in_channels: int | None = None) -> int:
@@ -40,23 +41,42 @@ def encoder_flops(model: APFormer) -> int:
     return total
 
 
-def decoder_flops(model: APFormer, kept_tokens: int) -> int:
-    """Transformer (attention for `kept_tokens` queries) and the rest of the decoder."""
-    n, tokens = kept_tokens, TOKENS
+def attention_flops(attention: PruningAttention, kept_tokens: int, width: int) -> int:
+    """One attention layer with `kept_tokens` queries (nothing at all when none are kept)."""
+    n, a = kept_tokens, attention
+    if n == 0:
+        return 0
+    inner = a.heads * a.dim_head
+    return (
+        2 * TOKENS * width * 2 * inner  # keys and values for every token
+        + 2 * n * width * inner  # queries of kept tokens
+        + 2 * n * a.heads * a.dim_head  # dependency ratio w . q
+        + 2 * 2 * a.heads * n * TOKENS * a.dim_head  # Q K^T and A' V
+        + 2 * n * inner * width  # to_out
+    )
+
+
+def first_layer_flops(model: APFormer) -> int:
+    """Layer 1's attention for every token, as cached for threshold changes."""
+    width = model.trans4.to_patch_embedding[1].in_features
+    return 2 * TOKENS * width * width + attention_flops(
+        model.trans4.attention_layers[0], TOKENS, width
+    )
+
+
+def decoder_flops(model: APFormer, kept_tokens: int, first_layer_reused: bool = False) -> int:
+    """Transformer (attention for `kept_tokens` queries) and the rest of the decoder.
+
+    first_layer_reused: layer 1's attention came from the cache (APFormer.add_first_layer).
+    """
     trans = model.trans4
     width = trans.to_patch_embedding[1].in_features
-    total = 2 * tokens * width * width  # token embedding
-    for attn, ffn in trans.transformer.layers:
-        a = attn.fn
-        inner = a.heads * a.dim_head
-        if n > 0:
-            total += 2 * tokens * width * 2 * inner  # keys and values for every token
-            total += 2 * n * width * inner  # queries of kept tokens
-            total += 2 * n * a.heads * a.dim_head  # dependency ratio w . q
-            total += 2 * 2 * a.heads * n * tokens * a.dim_head  # Q K^T and A' V
-            total += 2 * n * inner * width  # to_out
+    total = 2 * TOKENS * width * width  # token embedding
+    for depth, (attn, ffn) in enumerate(trans.transformer.layers):
+        if not (depth == 0 and first_layer_reused):
+            total += attention_flops(attn.fn, kept_tokens, width)
         hidden = ffn.fn.net[0].out_features
-        total += 2 * 2 * tokens * width * hidden
+        total += 2 * 2 * TOKENS * width * hidden
     total += _conv_flops(model.conv4, INPUT_SIZE // 8)
     for up, size in (
         (model.up2, INPUT_SIZE // 4),

@@ -146,6 +146,7 @@ class ModelOutput:
     token_logits: torch.Tensor  # (B, 2, 32, 32)
     keep: torch.Tensor  # (B, 1024) bool
     layers: list[LayerTrace] = field(default_factory=list)
+    first_layer_reused: bool = False  # layer 1 came from EncodedSlices.first_layer
 
     @property
     def kept_dependencies(self) -> torch.Tensor:
@@ -160,6 +161,7 @@ class ModelOutput:
             torch.cat([p.token_logits for p in parts]),
             torch.cat([p.keep for p in parts]),
             layers,
+            all(p.first_layer_reused for p in parts),
         )
 
 
@@ -213,8 +215,10 @@ class APFormer(nn.Module):
     ) -> ModelOutput:
         if self._one_at_a_time(encoded.x4):
             settings = (token_threshold, gate, capture, content_attention)
-            parts = [self.decode(encoded.select(slice(i, i + 1)), *settings)
-                     for i in range(encoded.x4.shape[0])]  # fmt: skip
+            parts = [
+                self.decode(encoded.select(slice(i, i + 1)), *settings)
+                for i in range(encoded.x4.shape[0])
+            ]
             return ModelOutput.cat(parts)
         keep = self.keep_mask(encoded.token_logits, token_threshold)
         gates = self.gate_values(gate, encoded.x4)
@@ -223,7 +227,9 @@ class APFormer(nn.Module):
         y = self.up2(y, encoded.skip_parts[0])
         y = self.up3(y, encoded.skip_parts[1])
         y = self.up4(y, encoded.skip_parts[2])
-        return ModelOutput(self.outc(y), encoded.token_logits, keep, out.traces)
+        return ModelOutput(
+            self.outc(y), encoded.token_logits, keep, out.traces, out.first_layer_reused
+        )
 
     def forward(
         self,

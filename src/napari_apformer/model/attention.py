@@ -177,7 +177,11 @@ class PruningAttention(nn.Module):
         x_kept = torch.gather(x, 1, query_index[..., None].expand(-1, -1, x.shape[-1]))
         q = F.linear(x_kept, weight[:inner]).view(batch, n, heads, dim_head).transpose(1, 2)
 
-        out, pruned = self._attend(q, k, v, query_index, gate, capture)
+        scores = self._scores(q, k, query_index)
+        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (B, H, n, 1)
+        pruned = prune_dependencies(scores, ratio, keep_before=capture)
+        del scores
+        out = torch.matmul(pruned.weights, v) / pruned.normaliser
         out = out.transpose(1, 2).reshape(batch, n, inner)
         result = scatter_queries(self.to_out(out), query_index, query_valid, tokens)
 
@@ -193,27 +197,6 @@ class PruningAttention(nn.Module):
                 torch.matmul(self._all_queries(x), k.transpose(-1, -2)) * self.scale, dim=-1
             )
         return result, trace
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        query_index: torch.Tensor,
-        gate: torch.Tensor,
-        capture: bool,
-    ) -> tuple[torch.Tensor, PrunedAttention]:
-        """(b, H, n, D) attention output of kept queries, before to_out, and the pruning."""
-        scores = self._scores(q, k, query_index)
-        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (b, H, n, 1)
-        pruned = prune_dependencies(scores, ratio, keep_before=capture)
-        del scores
-        out = torch.matmul(pruned.weights, v) / pruned.normaliser
-        if not capture:  # the weights are large; keep only what is needed
-            pruned = PrunedAttention(
-                pruned.weights[..., :0], pruned.normaliser, pruned.kept_per_query, None
-            )
-        return out, pruned
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
         """Q K^T / sqrt(D) + position bias for the kept queries: (b, H, n, N)."""
@@ -313,6 +296,7 @@ class FirstLayer:
 class TransformerOutput:
     features: torch.Tensor  # (B, C, h, w)
     traces: list[LayerTrace]
+    first_layer_reused: bool = False
 
 
 class PruningTransformer(nn.Module):
@@ -382,7 +366,7 @@ class PruningTransformer(nn.Module):
             tokens = tokens + ffn.fn(ffn.norm(tokens))
             traces.append(trace)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
-        return TransformerOutput(features=features, traces=traces)
+        return TransformerOutput(features, traces, reuse_first)
 
     def embed(self, x4: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.to_patch_embedding(x4))
