@@ -43,9 +43,11 @@ def test_volume_labels_follow_the_slice_axis(segmenter, volume):
 
 def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model, segmenter, volume):
     prepared = segmenter.prepare(volume, axis=0)
-    first = segmenter.segment(prepared, slices=[0], token_threshold=0.9)
+    segmenter.segment(prepared, slices=[0], token_threshold=0.9)  # one-off: leaves no cache
+    assert len(segmenter.encoder_cache) == 0
+    first = segmenter.segment(prepared, slices=[0], token_threshold=0.9, cache=True)
     assert first.stats.encoder_cache_hits == 0
-    second = segmenter.segment(prepared, slices=[0], token_threshold=0.6, gate=0.0)
+    second = segmenter.segment(prepared, slices=[0], token_threshold=0.6, gate=0.0, cache=True)
     assert second.stats.encoder_cache_hits == 1
     model = segmenter.model
     kept_first, kept_second = first.stats.kept_tokens, second.stats.kept_tokens
@@ -54,7 +56,7 @@ def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model,
     )
     # the gate changed, so layer 1 is recomputed for every token at the new gate
     assert second.stats.flops == first_layer_flops(model) + decoder_flops(model, kept_second, True)
-    third = segmenter.segment(prepared, slices=[0], token_threshold=0.7, gate=0.0)
+    third = segmenter.segment(prepared, slices=[0], token_threshold=0.7, gate=0.0, cache=True)
     assert third.stats.flops == decoder_flops(model, third.stats.kept_tokens, True)
     fresh = Segmenter(official_model, device="cpu")
     expected = fresh.segment(

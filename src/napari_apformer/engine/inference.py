@@ -6,10 +6,11 @@
     for progress in job: ...
     result = job.result
 
-Encoder features are cached per slice, keyed by the weights and the exact model input, so a
-rerun with another token_threshold or gate computes only the transformer and the decoder.
-Runs of more slices than one batch read the cache but do not fill it (a volume would only
-push out the slices being looked at).
+With `start(..., cache=True)` (live use: a slice on screen whose threshold will move) each
+slice keeps what does not depend on the token threshold: the encoder features and layer 1's
+output for every token, keyed by the weights and the exact model input. Any later run of that
+slice reads them, so a threshold change computes only layers 2 to 4 and the decoder. One-off
+runs (the command line, whole volumes) leave the cache alone.
 """
 
 from __future__ import annotations
@@ -154,10 +155,13 @@ class Segmenter:
         gate: float | Sequence[float] | None = None,
         probabilities: bool = False,
         capture_slices: Sequence[int] = (),
+        cache: bool = False,
     ) -> SegmentationJob:
         """A job over `slices` (default: all). Settings default to the weights' own values.
 
         capture_slices: slices whose full attention maps are kept (about 200 MB each).
+        cache: keep these slices' threshold-independent work for later changes (about 8 MB
+        each; costs layer 1 for every token once).
         """
         chosen = list(range(image.n_slices)) if slices is None else [int(i) for i in slices]
         if any(not 0 <= i < image.n_slices for i in chosen):
@@ -180,7 +184,7 @@ class Segmenter:
             ),
         )
         captured = set(capture_slices) & set(chosen)
-        return SegmentationJob(result, self._steps(image, result, captured))
+        return SegmentationJob(result, self._steps(image, result, captured, cache))
 
     def check_settings(
         self, token_threshold: float | None, gate: float | Sequence[float] | None
@@ -191,10 +195,9 @@ class Segmenter:
         return tau, self.model.gate_values(gate, torch.empty(0)).tolist()
 
     def _steps(
-        self, image: PreparedImage, result: SegmentationResult, captured: set[int]
+        self, image: PreparedImage, result: SegmentationResult, captured: set[int], cache: bool
     ) -> Iterator[Progress]:
         started = time.perf_counter()
-        fill_cache = len(result.slices) <= self.batch_size
         plain = [i for i in result.slices if i not in captured]
         batches = [plain[k : k + self.batch_size] for k in range(0, len(plain), self.batch_size)]
         batches += [[i] for i in result.slices if i in captured]  # full attention maps are large
@@ -202,7 +205,7 @@ class Segmenter:
         done = 0
         for batch in batches:
             with torch.inference_mode():
-                self._run_batch(image, batch, batch[0] in captured, fill_cache, result, position)
+                self._run_batch(image, batch, batch[0] in captured, cache, result, position)
             done += len(batch)
             result.stats.seconds = time.perf_counter() - started
             yield Progress(done, len(result.slices))
