@@ -103,3 +103,24 @@ def test_console_script_runs():
         check=True,
     )
     assert done.stdout.startswith("napari-apformer ")
+
+
+def test_unwritable_output_is_one_line(tmp_path, sample, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert main(["predict", str(sample), "-o", str(blocker / "sub")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert len(err) == 1 and "cannot write" in err[0] and "sub" in err[0]
+
+
+def test_internal_errors_are_one_line_unless_debugging(sample, tmp_path, capsys, monkeypatch):
+    import napari_apformer.cli as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "predict_file", broken)
+    assert main(["predict", str(sample), "-o", str(tmp_path / "o")]) == 2
+    assert "internal error (RuntimeError: boom)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        main(["--debug", "predict", str(sample), "-o", str(tmp_path / "o")])

@@ -29,11 +29,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("apformer: interrupted; no partial output was left", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug: one line for the user, the traceback on request
+        if args.debug:
+            raise
+        print(
+            f"apformer: internal error ({type(error).__name__}: {error}); rerun with --debug "
+            "for the traceback and please report it",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apformer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"napari-apformer {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     predict = commands.add_parser("predict", help="segment image files and folders")
@@ -168,6 +178,17 @@ def run_predict(args: argparse.Namespace) -> int:
         except InputError as error:
             failed += 1
             print(f"apformer: error: {error}", file=sys.stderr)
+        except MemoryError:
+            failed += 1
+            print(
+                f"apformer: error: {source}: not enough memory; try --batch-size 1", file=sys.stderr
+            )
+        except OSError as error:  # writing failed; write_atomically left nothing behind
+            failed += 1
+            print(
+                f"apformer: error: {target}: cannot write ({error.strerror or error})",
+                file=sys.stderr,
+            )
     if failed and len(files) > 1:
         print(f"apformer: {failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
