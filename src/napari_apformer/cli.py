@@ -213,7 +213,10 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     if image.is_volume and compound_suffix(target) == ".png":
         raise InputError("PNG holds 2D labels only; write volumes as .tif or .nii.gz", target)
     job = segmenter.start(image, token_threshold=args.token_threshold, gate=args.gate)
-    with tqdm(total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr) as bar:
+    progress_bar = tqdm(  # disable=None: only on a terminal
+        total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr, disable=None
+    )
+    with progress_bar as bar:
         for progress in job:
             bar.update(progress.done - bar.n)
     result = job.result
