@@ -47,8 +47,3 @@ class ByteLRU(Generic[Value]):
             while self._bytes > self.max_bytes:
                 _, (_, size) = self._items.popitem(last=False)
                 self._bytes -= size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0

@@ -45,10 +45,6 @@ class Reorientation:
             out[int(canonical_axis)] = float(zooms[source_axis])
         return out[0], out[1], out[2]
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.array_equal(self.ornt, [[0, 1], [1, 1], [2, 1]]))
-
 
 def is_oblique(affine: np.ndarray, tolerance: float = 1e-3) -> bool:
     """True if the voxel axes are not aligned with the world axes."""

@@ -47,7 +47,3 @@ class ImageFile:
     rgb: bool = False
     spacing: tuple[float, ...] | None = None  # per spatial axis of `data`, in mm where known
     nifti: NiftiGeometry | None = None
-
-    @property
-    def spatial_ndim(self) -> int:
-        return self.data.ndim - int(self.rgb)
