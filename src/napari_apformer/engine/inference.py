@@ -34,6 +34,7 @@ from napari_apformer.engine.stats import (
     slice_flops,
 )
 from napari_apformer.errors import InputError
+from napari_apformer.io.image_file import label_dtype
 from napari_apformer.model.apformer import (
     BACKGROUND,
     TOKEN_GRID,
@@ -170,7 +171,7 @@ class Segmenter:
         n_classes, count = self.model.n_classes, len(chosen)
         grid = (count, TOKEN_GRID, TOKEN_GRID)
         result = SegmentationResult(
-            labels=np.zeros(image.spatial_shape, np.uint8 if n_classes <= 256 else np.uint16),
+            labels=np.zeros(image.spatial_shape, label_dtype(n_classes - 1)),
             slices=chosen,
             keep=np.zeros(grid, dtype=bool),
             background_probability=np.zeros(grid, np.float32),

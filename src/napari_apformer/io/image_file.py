@@ -11,6 +11,11 @@ from napari_apformer.errors import InputError
 from napari_apformer.io.geometry import Reorientation
 
 
+def label_dtype(largest_label: int) -> type[np.unsignedinteger]:
+    """uint8 where the labels fit, else uint16."""
+    return np.uint8 if largest_label < 256 else np.uint16
+
+
 def spatial_ndim(data: np.ndarray, rgb: bool, source: object) -> int:
     """2 or 3 spatial axes (colour last when rgb); InputError for anything else."""
     spatial = data.ndim - int(rgb)

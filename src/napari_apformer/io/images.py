@@ -10,7 +10,7 @@ import tifffile
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
-from napari_apformer.io.image_file import ImageFile, spatial_ndim
+from napari_apformer.io.image_file import ImageFile, label_dtype, spatial_ndim
 
 FORMAT_NAMES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -49,7 +49,7 @@ def read_image(path: Path) -> ImageFile:
 def write_image_labels(path: Path, labels: np.ndarray) -> None:
     """PNG for 2D labels, TIFF for 2D or 3D; label values stored as they are (uint8/uint16)."""
     suffix = compound_suffix(path)
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    dtype = label_dtype(int(labels.max(initial=0)))
     labels = np.ascontiguousarray(labels, dtype=dtype)
     if suffix == ".png":
         if labels.ndim != 2:

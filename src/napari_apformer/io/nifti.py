@@ -13,7 +13,7 @@ import numpy as np
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.geometry import Reorientation
-from napari_apformer.io.image_file import ImageFile, NiftiGeometry
+from napari_apformer.io.image_file import ImageFile, NiftiGeometry, label_dtype
 
 MAX_VOXEL_BYTES = 16 * 2**30  # refuse headers that claim more than this before reading data
 NIFTI_INTENT_LABEL = 1002
@@ -72,7 +72,7 @@ def write_nifti_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None
         spacing = (*(image.spacing or ()), 1.0, 1.0, 1.0)[:3]
         affine = np.diag([*spacing, 1.0])
         header = None
-    dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+    dtype = label_dtype(int(labels.max(initial=0)))
     out = nib.Nifti1Image(np.ascontiguousarray(voxels, dtype=dtype), affine, header)
     out.set_data_dtype(dtype)
     out.header.set_slope_inter(1.0, 0.0)
