@@ -163,3 +163,34 @@ def test_transformer_batch_with_different_keep_masks_equals_single_images(offici
             for b, s in zip(batch.traces, single.traces, strict=True):
                 assert torch.equal(b.kept_per_query[i], s.kept_per_query[0])
                 torch.testing.assert_close(b.record.attention[i], s.record.attention[0])
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.9])
+def test_attention_rows_equal_the_captured_rows(official, official_model, tau):
+    """Rows for chosen queries, recomputed from the kept layer inputs, match the full capture,
+    also where layer 1 came from the cache."""
+    x = torch.from_numpy(official["input"][:1])
+    with torch.inference_mode():
+        full = official_model(x, token_threshold=tau, gate=-1.0, capture=True)
+        encoded = official_model.encode(x)
+        official_model.add_first_layer(encoded, -1.0)
+        run = official_model.decode(encoded, tau, gate=-1.0, keep_inputs=True)
+        assert run.first_layer_reused
+        tokens = [int(i) for i in torch.nonzero(full.keep[0])[:3, 0]] + [0]
+        inputs = [t.layer_input for t in run.layers]
+        rows = official_model.attention_rows(inputs, tokens, [-1.0] * 4)
+    torch.testing.assert_close(run.logits, full.logits, atol=1e-4, rtol=0)
+    for record, trace in zip(rows, full.layers, strict=True):
+        assert record.attention.shape == (1, 6, len(tokens), TOKENS)
+        for j, token in enumerate(tokens):
+            if not full.keep[0, token]:
+                continue  # a pruned query has no row in the capture
+            torch.testing.assert_close(
+                record.attention[0, :, j], trace.record.attention[0, :, token], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                record.attention_before[0, :, j],
+                trace.record.attention_before[0, :, token],
+                atol=1e-5,
+                rtol=0,
+            )

@@ -87,17 +87,23 @@ def test_batches_give_the_same_labels_as_single_slices(official_model, volume):
     assert np.array_equal(a.keep, b.keep)
 
 
-def test_probabilities_capture_and_token_maps(segmenter, volume):
+def test_probabilities_attention_and_token_maps(segmenter, volume):
     prepared = segmenter.prepare(volume[:, :200, :150], axis=0)
-    result = segmenter.segment(prepared, probabilities=True, capture_slices=[1])
+    result = segmenter.segment(prepared, probabilities=True, attention_slices=[1])
     assert result.probabilities.shape == (9, 3, 200, 150)
     np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
     assert np.array_equal(result.probabilities.argmax(0), result.labels)
-    assert set(result.attention) == {1}
-    layers = result.attention[1]
-    assert len(layers) == 4 and layers[0].attention.shape == (6, 1024, 1024)
+    assert set(result.layer_inputs) == {1}
     keep = result.keep[1].ravel()
-    assert (layers[0].attention[:, ~torch.from_numpy(keep)] == 0).all()
+    kept, pruned = int(np.flatnonzero(keep)[0]), int(np.flatnonzero(~keep)[0])
+    after, before = segmenter.attention(result, 1, kept)
+    assert after.shape == before.shape == (4, 6, 32, 32)
+    np.testing.assert_allclose(after.sum(axis=(2, 3)), 1.0, atol=1e-4)
+    np.testing.assert_allclose(before.sum(axis=(2, 3)), 1.0, atol=1e-4)
+    assert ((after > 0).sum() <= (before > 0).sum())
+    assert not segmenter.attention(result, 1, pruned)[0].any()
+    with pytest.raises(ValueError, match="attention_slices"):
+        segmenter.attention(result, 0, kept)
     assert ((result.kept_dependency_fraction > 0) == result.keep).all()
     assert ((result.background_probability >= 0.9) == ~result.keep).all()
 

@@ -43,7 +43,6 @@ from napari_apformer.model.apformer import (
     EncodedSlices,
     check_token_threshold,
 )
-from napari_apformer.model.attention import AttentionRecord
 from napari_apformer.model.card import ModelCard
 
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -73,7 +72,9 @@ class SegmentationResult:
     token_threshold: float
     gates: list[float]
     probabilities: np.ndarray | None = None  # (K, *spatial shape) float32, on request
-    attention: dict[int, list[AttentionRecord]] = field(default_factory=dict)  # captured slices
+    # Per slice in `attention_slices`: each transformer layer's normed input (N, C), from
+    # which Segmenter.attention gives the attention of any query point without a rerun.
+    layer_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class SegmentationJob:
@@ -155,12 +156,12 @@ class Segmenter:
         token_threshold: float | None = None,
         gate: float | Sequence[float] | None = None,
         probabilities: bool = False,
-        capture_slices: Sequence[int] = (),
+        attention_slices: Sequence[int] = (),
         cache: bool = False,
     ) -> SegmentationJob:
         """A job over `slices` (default: all). Settings default to the weights' own values.
 
-        capture_slices: slices whose full attention maps are kept (about 200 MB each).
+        attention_slices: slices whose layer inputs are kept for Segmenter.attention (2 MB each).
         cache: keep these slices' threshold-independent work for later changes (about 8 MB
         each; costs layer 1 for every token once).
         """
@@ -184,8 +185,8 @@ class Segmenter:
                 np.zeros((n_classes, *image.spatial_shape), np.float32) if probabilities else None
             ),
         )
-        captured = set(capture_slices) & set(chosen)
-        return SegmentationJob(result, self._steps(image, result, captured, cache))
+        watched = set(attention_slices) & set(chosen)
+        return SegmentationJob(result, self._steps(image, result, watched, cache))
 
     def check_settings(
         self, token_threshold: float | None, gate: float | Sequence[float] | None
@@ -196,17 +197,16 @@ class Segmenter:
         return tau, self.model.gate_values(gate, torch.empty(0)).tolist()
 
     def _steps(
-        self, image: PreparedImage, result: SegmentationResult, captured: set[int], cache: bool
+        self, image: PreparedImage, result: SegmentationResult, watched: set[int], cache: bool
     ) -> Iterator[Progress]:
         started = time.perf_counter()
-        plain = [i for i in result.slices if i not in captured]
-        batches = [plain[k : k + self.batch_size] for k in range(0, len(plain), self.batch_size)]
-        batches += [[i] for i in result.slices if i in captured]  # full attention maps are large
+        chosen = result.slices
+        batches = [chosen[k : k + self.batch_size] for k in range(0, len(chosen), self.batch_size)]
         position = {index: k for k, index in enumerate(result.slices)}
         done = 0
         for batch in batches:
             with torch.inference_mode():
-                self._run_batch(image, batch, batch[0] in captured, cache, result, position)
+                self._run_batch(image, batch, watched, cache, result, position)
             done += len(batch)
             result.stats.seconds = time.perf_counter() - started
             yield Progress(done, len(result.slices))
@@ -251,18 +251,20 @@ class Segmenter:
         self,
         image: PreparedImage,
         batch: list[int],
-        capture: bool,
+        watched: set[int],
         fill_cache: bool,
         result: SegmentationResult,
         position: dict[int, int],
     ) -> None:
         box = image.letterbox
         pixels = torch.from_numpy(np.stack([image.slice_input(i) for i in batch]))
-        first_gate = None if capture else result.gates[0]
         encoded, hits, first_layer_spent = self._encode(
-            box.to_model(pixels), fill_cache, first_gate
+            box.to_model(pixels), fill_cache, result.gates[0]
         )
-        out = self.model.decode(encoded, result.token_threshold, result.gates, capture=capture)
+        keep_inputs = any(i in watched for i in batch)
+        out = self.model.decode(
+            encoded, result.token_threshold, result.gates, keep_inputs=keep_inputs
+        )
         logits = box.to_image(out.logits).float()
         slice_labels = logits.permute(0, 2, 3, 1).argmax(dim=-1).to(torch.uint8).cpu().numpy()
         probs = (
@@ -306,9 +308,26 @@ class Segmenter:
             stats.flops += 0 if hits[j] else self._encoder_flops
             stats.flops_unpruned += self._unpruned_flops
             stats.encoder_cache_hits += int(hits[j])
-            if capture:
-                result.attention[index] = [
-                    AttentionRecord(t.record.attention[j].cpu(), t.record.attention_before[j].cpu())
-                    for t in out.layers
-                    if t.record is not None
-                ]
+            if index in watched:
+                result.layer_inputs[index] = [t.layer_input[j].cpu() for t in out.layers]
+
+    def attention(
+        self, result: SegmentationResult, slice_index: int, token: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(layers, heads, 32, 32) attention of query `token` after and before dependency
+        pruning, for a slice run with attention_slices; zeros if the token was pruned there."""
+        inputs = result.layer_inputs.get(slice_index)
+        if inputs is None:
+            raise ValueError(f"slice {slice_index} was not run with attention_slices")
+        grid = (len(inputs), -1, TOKEN_GRID, TOKEN_GRID)
+        k = result.slices.index(slice_index)
+        if not result.keep[k].ravel()[token]:
+            heads = self.model.trans4.attention_layers[0].heads
+            empty = np.zeros((len(inputs), heads, TOKEN_GRID, TOKEN_GRID), np.float32)
+            return empty, empty.copy()
+        with torch.inference_mode():
+            layer_inputs = [x[None].to(self.device) for x in inputs]
+            records = self.model.attention_rows(layer_inputs, [token], result.gates)
+        after = torch.stack([r.attention[0, :, 0] for r in records]).float().cpu().numpy()
+        before = torch.stack([r.attention_before[0, :, 0] for r in records]).float().cpu()
+        return after.reshape(grid), before.numpy().reshape(grid)

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_apformer.errors import InputError
-from napari_apformer.model.attention import FirstLayer, LayerTrace, PruningTransformer
+from napari_apformer.model.attention import (
+    AttentionRecord,
+    FirstLayer,
+    LayerTrace,
+    PruningTransformer,
+)
 from napari_apformer.model.card import ModelCard
 
 INPUT_SIZE = 256
@@ -215,9 +220,11 @@ class APFormer(nn.Module):
         gate: float | Sequence[float] | None = None,
         capture: bool = False,
         content_attention: bool = False,
+        keep_inputs: bool = False,
     ) -> ModelOutput:
+        """keep_inputs: keep each layer's normed input in its trace, for attention_rows."""
         if self._one_at_a_time(encoded.x4):
-            settings = (token_threshold, gate, capture, content_attention)
+            settings = (token_threshold, gate, capture, content_attention, keep_inputs)
             parts = [
                 self.decode(encoded.select(slice(i, i + 1)), *settings)
                 for i in range(encoded.x4.shape[0])
@@ -225,7 +232,9 @@ class APFormer(nn.Module):
             return ModelOutput.cat(parts)
         keep = self.keep_mask(encoded.token_logits, token_threshold)
         gates = self.gate_values(gate, encoded.x4)
-        out = self.trans4(encoded.x4, keep, gates, capture, content_attention, encoded.first_layer)
+        out = self.trans4(
+            encoded.x4, keep, gates, capture, content_attention, encoded.first_layer, keep_inputs
+        )
         y = self.conv4(out.features)
         y = self.up2(y, encoded.skip_parts[0])
         y = self.up3(y, encoded.skip_parts[1])
@@ -249,6 +258,23 @@ class APFormer(nn.Module):
         None takes the model's defaults (the checkpoint's own values).
         """
         return self.decode(self.encode(x), token_threshold, gate, capture, content_attention)
+
+    def attention_rows(
+        self,
+        layer_inputs: Sequence[torch.Tensor],
+        tokens: Sequence[int],
+        gates: Sequence[float],
+    ) -> list[AttentionRecord]:
+        """Per layer, the attention of query `tokens`, from the layer inputs that a run decoded
+        with keep_inputs=True kept in its traces: (B, H, q, N) after and before pruning."""
+        index = torch.as_tensor(list(tokens), dtype=torch.long)
+        records = []
+        for x, attention, gate in zip(
+            layer_inputs, self.trans4.attention_layers, gates, strict=True
+        ):
+            gate_tensor = torch.tensor(float(gate), dtype=x.dtype, device=x.device)
+            records.append(attention.attention_rows(x, index.to(x.device), gate_tensor))
+        return records
 
     def add_first_layer(self, encoded: EncodedSlices, gate: float) -> None:
         """Compute and attach layer 1's output for every token at `gate` (see EncodedSlices)."""

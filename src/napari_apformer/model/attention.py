@@ -31,10 +31,9 @@ def relative_position_tables(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class AttentionRecord:
-    """What one layer did, kept only when capture is on.
-
-    attention: (B, H, N, N) after dependency pruning, zero rows for pruned queries.
-    attention_before: (B, H, N, N) before dependency pruning, zero rows for pruned queries.
+    """Attention weights of one layer: with capture, (B, H, N, N) with zero rows for pruned
+    queries; from PruningAttention.attention_rows, (B, H, q, N) for the chosen queries.
+    `attention` is after dependency pruning, `attention_before` before it.
     """
 
     attention: torch.Tensor
@@ -48,6 +47,7 @@ class LayerTrace:
     kept_per_query: torch.Tensor  # (B, H, N) int32 keys kept by each query, 0 for pruned queries
     record: AttentionRecord | None = None
     content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
+    layer_input: torch.Tensor | None = None  # (B, N, C) normed input, for attention_rows
 
     @staticmethod
     def cat(traces: Sequence[LayerTrace]) -> LayerTrace:
@@ -67,6 +67,7 @@ class LayerTrace:
             kept_per_query=torch.cat([t.kept_per_query for t in traces]),
             record=record,
             content_attention=joined([t.content_attention for t in traces]),
+            layer_input=joined([t.layer_input for t in traces]),
         )
 
     @property
@@ -197,6 +198,29 @@ class PruningAttention(nn.Module):
                 torch.matmul(self._all_queries(x), k.transpose(-1, -2)) * self.scale, dim=-1
             )
         return result, trace
+
+    def attention_rows(
+        self, x: torch.Tensor, tokens: torch.Tensor, gate: torch.Tensor
+    ) -> AttentionRecord:
+        """Attention of the queries `tokens` (q,) over every key: (B, H, q, N) after and before
+        dependency pruning. x: this layer's normed input (B, N, C).
+
+        A row depends only on its own query and the keys, not on which other queries are kept,
+        so these are the rows the layer used for kept queries, at a fraction of the cost of
+        capturing the whole map.
+        """
+        batch, tokens_total, _ = x.shape
+        heads, dim_head = self.heads, self.dim_head
+        inner = heads * dim_head
+        weight = self.to_qkv.weight
+        k = F.linear(x, weight[inner : 2 * inner]).view(batch, tokens_total, heads, dim_head)
+        index = tokens.to(x.device)[None].expand(batch, -1)
+        x_query = torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+        q = F.linear(x_query, weight[:inner]).view(batch, -1, heads, dim_head).transpose(1, 2)
+        scores = self._scores(q, k.transpose(1, 2), index)
+        ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)
+        pruned = prune_dependencies(scores, ratio, keep_before=True)
+        return AttentionRecord(pruned.weights / pruned.normaliser, pruned.before)
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
         """Q K^T / sqrt(D) + position bias for the kept queries: (b, H, n, N)."""
@@ -334,11 +358,13 @@ class PruningTransformer(nn.Module):
         capture: bool = False,
         content_attention: bool = False,
         first_layer: FirstLayer | None = None,
+        keep_inputs: bool = False,
     ) -> TransformerOutput:
         """keep: (B, N) bool kept queries; gates: (depth,) gate per layer.
 
         first_layer: layer 1's output for every token at gates[0], from `first_layer_all`;
         used instead of recomputing layer 1 when its gate matches and nothing is captured.
+        keep_inputs: keep each layer's normed input in its trace (for attention_rows).
         """
         batch, channels, height, width = x4.shape
         query_index, query_valid = kept_query_index(keep)
@@ -352,6 +378,7 @@ class PruningTransformer(nn.Module):
         for depth, ((attn, ffn), gate) in enumerate(
             zip(self.transformer.layers, gates, strict=True)
         ):
+            layer_input = attn.norm(tokens) if keep_inputs else None
             if depth == 0 and reuse_first:
                 tokens = tokens + first_layer.update * keep[..., None]
                 trace = LayerTrace(kept_per_query=first_layer.kept_per_query * keep[:, None, :])
@@ -364,6 +391,7 @@ class PruningTransformer(nn.Module):
                 shape = (batch, attn.fn.heads, keep.shape[1])
                 trace = LayerTrace(torch.zeros(shape, dtype=torch.int32, device=keep.device))
             tokens = tokens + ffn.fn(ffn.norm(tokens))
+            trace.layer_input = layer_input
             traces.append(trace)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
         return TransformerOutput(features, traces, reuse_first)
