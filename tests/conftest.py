@@ -5,7 +5,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
-SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_axial_slab.nii.gz"
+SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"
 
 torch.set_num_threads(2)
 

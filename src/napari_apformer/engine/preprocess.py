@@ -90,6 +90,14 @@ class Letterbox:
         cols = self._token_of(self.width, self.inner_width, self.left)
         return grid[..., rows[:, None], cols[None, :]]
 
+    def token_index(self, row: float, col: float) -> int:
+        """Index (0..1023, row-major) of the token that slice pixel (row, col) lies in."""
+        r = self._token_of(self.height, self.inner_height, self.top)
+        c = self._token_of(self.width, self.inner_width, self.left)
+        row_i = int(np.clip(round(row), 0, self.height - 1))
+        col_i = int(np.clip(round(col), 0, self.width - 1))
+        return int(r[row_i]) * TOKEN_GRID + int(c[col_i])
+
     @staticmethod
     def _token_of(size: int, inner: int, offset: int) -> np.ndarray:
         centres = (np.arange(size) + 0.5) * inner / size + offset  # in model pixels

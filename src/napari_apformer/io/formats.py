@@ -40,7 +40,7 @@ def label_suffix_for(source: Path) -> str:
 def write_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None:
     """Labels on the grid of `image.data`, in the format of `path`'s suffix."""
     if compound_suffix(path) in NIFTI_SUFFIXES:
-        write_nifti_labels(path, labels, image)
+        write_nifti_labels(path, labels, image.nifti, image.spacing)
     else:
         write_image_labels(path, labels)
 
@@ -53,3 +53,17 @@ def write_class_table(labels_path: Path, table: dict) -> None:
     """The JSON sidecar that carries class names and colours with a label file."""
     text = json.dumps(table, indent=2) + "\n"
     write_atomically(class_table_path(labels_path), lambda tmp: tmp.write_text(text, "utf-8"))
+
+
+def read_class_table(labels_path: Path) -> list[dict] | None:
+    """The class names and colours beside a label file, or None when there are none (or the
+    sidecar is not ours: a label file must open even when its sidecar is odd)."""
+    path = class_table_path(labels_path)
+    try:
+        entries = json.loads(path.read_text("utf-8"))["labels"]
+        return [
+            {"value": int(e["value"]), "name": str(e["name"]), "colour": str(e["colour"])}
+            for e in entries
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

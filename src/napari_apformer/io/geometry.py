@@ -39,6 +39,12 @@ class Reorientation:
     def from_canonical(self, data: np.ndarray) -> np.ndarray:
         return nib.orientations.apply_orientation(data, self.inverse)
 
+    def canonical_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        out = [1, 1, 1]
+        for source_axis, (canonical_axis, _) in enumerate(self.ornt):
+            out[int(canonical_axis)] = int(shape[source_axis])
+        return out[0], out[1], out[2]
+
     def canonical_zooms(self, zooms: tuple[float, ...]) -> tuple[float, float, float]:
         out = [1.0, 1.0, 1.0]
         for source_axis, (canonical_axis, _) in enumerate(self.ornt):

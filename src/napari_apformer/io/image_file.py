@@ -35,7 +35,7 @@ class NiftiGeometry:
     affine: np.ndarray
     header: object  # nibabel header of the source
     reorientation: Reorientation
-    source_shape: tuple[int, int, int]
+    source_shape: tuple[int, int, int]  # spatial shape in the file's own voxel order
 
 
 @dataclass
@@ -43,8 +43,9 @@ class ImageFile:
     """An image read from disk.
 
     data: (Y, X) grey, (Y, X, C) colour, (Z, Y, X) volume or (Z, Y, X, C) colour volume.
-    For NIfTI the three spatial axes are in RAS voxel order (see io.geometry); `nifti` keeps
-    what is needed to return to the file's own order.
+    For NIfTI the three spatial axes are in RAS voxel order (see io.geometry), followed by the
+    volumes of a 4D file when `series`; `nifti` keeps what is needed to return to the file's
+    own order.
     """
 
     data: np.ndarray
@@ -52,3 +53,4 @@ class ImageFile:
     rgb: bool = False
     spacing: tuple[float, ...] | None = None  # per spatial axis of `data`, in mm where known
     nifti: NiftiGeometry | None = None
+    series: bool = False  # NIfTI only: a 4th axis of volumes (time) after the spatial ones

@@ -19,7 +19,8 @@ MAX_VOXEL_BYTES = 16 * 2**30  # refuse headers that claim more than this before 
 NIFTI_INTENT_LABEL = 1002
 
 
-def read_nifti(path: Path) -> ImageFile:
+def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
+    """allow_series: accept 4D files (volumes along a 4th axis); otherwise they are refused."""
     try:
         image = nib.load(str(path))
     except FileNotFoundError:
@@ -31,10 +32,11 @@ def read_nifti(path: Path) -> ImageFile:
     shape = tuple(int(s) for s in image.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) > 3:
+    series = len(shape) == 4 and allow_series
+    if len(shape) > 3 and not series:
         raise InputError(
             f"{len(shape)}D data of shape {image.shape} is not supported: give a "
-            "2D image or one 3D volume",
+            f"2D image or {'a 3D or 4D' if allow_series else 'one 3D'} volume",
             path,
         )
     if 0 in shape:
@@ -51,26 +53,42 @@ def read_nifti(path: Path) -> ImageFile:
     data = data.reshape(shape + (1,) * (3 - len(shape)))
     reorientation = Reorientation.from_affine(image.affine)
     zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) + (1.0,) * (3 - len(shape))
-    geometry = NiftiGeometry(image.affine.copy(), image.header.copy(), reorientation, data.shape)
+    geometry = NiftiGeometry(
+        image.affine.copy(), image.header.copy(), reorientation, data.shape[:3]
+    )
     return ImageFile(
-        data=reorientation.to_canonical(data),
+        data=reorientation.to_canonical(data),  # the volumes axis, if any, stays last
         source=path,
         spacing=reorientation.canonical_zooms(zooms),
         nifti=geometry,
+        series=series,
     )
 
 
-def write_nifti_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None:
-    """Labels in the RAS order of `image.data`, written in the source's voxel order and geometry."""
-    if image.nifti is not None:
-        geometry = image.nifti
+def write_nifti_labels(
+    path: Path,
+    labels: np.ndarray,
+    geometry: NiftiGeometry | None,
+    spacing: tuple[float, ...] | None = None,
+    origin: tuple[float, ...] | None = None,
+) -> None:
+    """Labels written in a source's voxel order and geometry.
+
+    With `geometry` (a NIfTI source), labels are 3D in its RAS voxel order. Without it, labels
+    are a (Y, X) or (Z, Y, X) array as napari shows it, with the voxel size `spacing` and the
+    position `origin` of its first voxel per axis; NIfTI stores axes as (X, Y, Z), so they are
+    reversed, which puts them back in the same place when read by this package or napari.
+    """
+    if geometry is not None:
         voxels = geometry.reorientation.from_canonical(labels).reshape(geometry.source_shape)
         header = geometry.header.copy()
         affine = geometry.affine
-    else:  # a non-NIfTI source: voxel size from its spacing, no world placement known
-        voxels = labels if labels.ndim == 3 else labels[..., None]
-        spacing = (*(image.spacing or ()), 1.0, 1.0, 1.0)[:3]
-        affine = np.diag([*spacing, 1.0])
+    else:
+        voxels = labels.T.reshape(labels.shape[::-1] + (1,) * (3 - labels.ndim))
+        steps = [*(spacing or (1.0,) * labels.ndim)][::-1] + [1.0] * (3 - labels.ndim)
+        shift = [*(origin or (0.0,) * labels.ndim)][::-1] + [0.0] * (3 - labels.ndim)
+        affine = np.diag([*steps, 1.0])
+        affine[:3, 3] = shift
         header = None
     dtype = label_dtype(int(labels.max(initial=0)))
     out = nib.Nifti1Image(np.ascontiguousarray(voxels, dtype=dtype), affine, header)
@@ -78,8 +96,8 @@ def write_nifti_labels(path: Path, labels: np.ndarray, image: ImageFile) -> None
     out.header.set_slope_inter(1.0, 0.0)
     out.header.set_intent(NIFTI_INTENT_LABEL)
     out.header["cal_min"], out.header["cal_max"] = 0, int(labels.max(initial=0))
-    if image.nifti is not None:  # keep both transforms and their codes exactly
-        source_header = image.nifti.header
+    if geometry is not None:  # keep both transforms and their codes exactly
+        source_header = geometry.header
         out.set_sform(source_header.get_sform(), int(source_header["sform_code"]))
         out.set_qform(source_header.get_qform(), int(source_header["qform_code"]))
     write_atomically(path, lambda tmp: nib.save(out, str(tmp)))

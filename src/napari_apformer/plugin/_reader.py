@@ -1,0 +1,114 @@
+"""napari reader: NIfTI, PNG, JPEG and TIFF through the package's own readers.
+
+napari calls `get_reader(path)`; it returns a function for files we can open, else None.
+The function never raises: a file that turns out to be unreadable gives an error
+notification that names it and the problem, and no layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from napari_apformer.errors import InputError
+from napari_apformer.io.display import display_array, placement
+from napari_apformer.io.files import stem_of
+from napari_apformer.io.formats import is_readable_name, read_class_table, read_image_file
+from napari_apformer.io.image_file import ImageFile
+from napari_apformer.io.nifti import read_nifti
+from napari_apformer.plugin.layer_metadata import SourceInfo, class_colormap, class_features
+
+LABEL_NAME_MARKERS = ("_seg", "label", "mask")
+MAX_LABEL_VALUES = 32  # integer images with at most this many values open as Labels
+LayerData = tuple[np.ndarray, dict, str]
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths or not all(is_readable_name(Path(p)) for p in paths):
+        return None
+    return read_layers
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    paths = [path] if isinstance(path, str) else list(path)
+    layers = []
+    for p in paths:
+        try:
+            layers.append(layer_data(read_file(Path(p))))
+        except InputError as error:
+            _notify_error(f"{error}")
+        except MemoryError:
+            _notify_error(f"{p}: not enough memory to open this file")
+    # napari's "read, but no layers" value: the error above is the whole message
+    return layers or [(None,)]
+
+
+def read_file(path: Path) -> ImageFile:
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return read_nifti(path, allow_series=True)
+    return read_image_file(path)
+
+
+def layer_data(image: ImageFile) -> LayerData:
+    """(data, layer keyword arguments, layer type) for napari."""
+    where = placement(image)
+    if where.oblique:
+        _notify_warning(
+            f"{image.source}: the voxel axes are oblique to the scanner axes; napari shows the "
+            "nearest axis-aligned placement. Exported labels keep the exact original geometry."
+        )
+    data = display_array(image)
+    kwargs: dict = {
+        "name": stem_of(image.source),
+        "scale": where.scale,
+        "translate": where.translate,
+        "axis_labels": where.axis_labels,
+        "units": where.units,
+        "metadata": SourceInfo(image.source, image.nifti, image.series).to_metadata(),
+    }
+    if not image.rgb and is_label_image(image.source, data):
+        table = read_class_table(image.source)
+        if table:
+            kwargs["features"] = class_features(table)
+            kwargs["colormap"] = class_colormap(table)
+        return np.asarray(data, dtype=_label_type(data)), kwargs, "labels"
+    kwargs["rgb"] = image.rgb
+    return data, kwargs, "image"
+
+
+def is_label_image(source: Path, data: np.ndarray) -> bool:
+    if any(marker in stem_of(source).lower() for marker in LABEL_NAME_MARKERS):
+        return np.issubdtype(data.dtype, np.integer) or _whole_numbers(data)
+    if not np.issubdtype(data.dtype, np.integer):
+        return False
+    step = max(1, int(np.ceil((data.size / 2**20) ** (1 / data.ndim))))
+    sample = data[(slice(None, None, step),) * data.ndim]
+    if len(np.unique(sample)) > MAX_LABEL_VALUES:
+        return False
+    return len(np.unique(data)) <= MAX_LABEL_VALUES and int(data.min()) >= 0
+
+
+def _whole_numbers(data: np.ndarray) -> bool:
+    finite = np.isfinite(data).all()
+    return bool(finite and data.min() >= 0 and np.array_equal(data, np.round(data)))
+
+
+def _label_type(data: np.ndarray) -> type:
+    if np.issubdtype(data.dtype, np.integer):
+        return data.dtype.type
+    return np.uint16 if float(data.max(initial=0)) > 255 else np.uint8
+
+
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def _notify_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)

@@ -1,0 +1,131 @@
+"""The part of a napari image layer the widget segments, and where its slices sit.
+
+Works for any image layer, whatever opened it: 2D grey or RGB, 3D volumes, and volumes along
+leading axes (4D NIfTI: the volume shown now is used). No napari import: a layer is read
+through its attributes only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_apformer.errors import InputError
+from napari_apformer.plugin.layer_metadata import SourceInfo
+
+NIFTI_AXIS_NAMES = ("axial", "coronal", "sagittal")  # napari axes z, y, x of a NIfTI layer
+
+
+@dataclass
+class ImageSource:
+    """One 2D image or 3D volume of a layer: `data` is (Y, X[, C]) or (Z, Y, X[, C])."""
+
+    name: str
+    data: np.ndarray
+    rgb: bool
+    leading_index: tuple[int, ...]  # position along the layer's leading (e.g. time) axes
+    scale: tuple[float, ...]  # of the spatial axes (napari world units per pixel)
+    translate: tuple[float, ...]
+    source: SourceInfo | None
+    axis_labels: tuple[str, ...]  # of the layer's leading and spatial axes
+    units: tuple[str, ...]
+
+    def spatial_axes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Axis labels and units of the spatial axes."""
+        n = self.spatial_ndim
+        return self.axis_labels[-n:], self.units[-n:]
+
+    @property
+    def spatial_ndim(self) -> int:
+        return self.data.ndim - int(self.rgb)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.data.shape[: self.spatial_ndim]
+
+    @property
+    def is_nifti(self) -> bool:
+        return self.source is not None and self.source.nifti is not None
+
+    def axis_names(self) -> list[str]:
+        """Names for the slice axis choice of a volume (empty for 2D)."""
+        if self.spatial_ndim == 2:
+            return []
+        if self.is_nifti:
+            return [f"{n} ({a})" for n, a in zip(NIFTI_AXIS_NAMES, "zyx", strict=True)]
+        return [f"axis {i} ({a})" for i, a in enumerate("zyx")]
+
+    def slice_placement(self, axis: int, index: int) -> tuple[tuple, tuple]:
+        """Scale and translate of a one-slice-thick layer at slice `index` along `axis`, with
+        the layer's leading axes as length-1 axes at the current position."""
+        translate = list(self.translate)
+        if self.spatial_ndim == 3:
+            translate[axis] += index * self.scale[axis]
+        lead = len(self.leading_index)
+        return (1.0,) * lead + tuple(self.scale), tuple(
+            float(i) for i in self.leading_index
+        ) + tuple(translate)
+
+    def slice_shape_for_layer(self, axis: int) -> tuple[int, ...]:
+        """Shape of a one-slice map layer (leading axes of length 1, slice axis of length 1)."""
+        shape = list(self.spatial_shape)
+        if self.spatial_ndim == 3:
+            shape[axis] = 1
+        return (1,) * len(self.leading_index) + tuple(shape)
+
+    def slice_index_at(self, world_point: tuple[float, ...], axis: int) -> int:
+        """The slice along `axis` under the viewer's current world position."""
+        if self.spatial_ndim == 2:
+            return 0
+        value = world_point[len(world_point) - 3 + axis]
+        index = round((value - self.translate[axis]) / self.scale[axis])
+        return int(np.clip(index, 0, self.spatial_shape[axis] - 1))
+
+    def plane_position(self, world_point: tuple[float, ...], axis: int) -> tuple[float, float]:
+        """(row, column) in slice pixels of a world position (trailing spatial axes)."""
+        spatial = list(world_point[-self.spatial_ndim :])
+        pixels = [(w - t) / s for w, t, s in zip(spatial, self.translate, self.scale, strict=True)]
+        if self.spatial_ndim == 3:
+            del pixels[axis]
+        return pixels[0], pixels[1]
+
+    def world_of_plane(self, axis: int, index: int, row: float, col: float) -> tuple[float, ...]:
+        """World position (trailing spatial axes) of slice pixel (row, col)."""
+        pixels = [row, col]
+        if self.spatial_ndim == 3:
+            pixels.insert(axis, float(index))
+        return tuple(t + p * s for p, t, s in zip(pixels, self.translate, self.scale, strict=True))
+
+
+def image_source(layer, world_point: tuple[float, ...] | None = None) -> ImageSource:
+    """The 2D/3D image of an image layer at the viewer's position; InputError if unusable."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]  # full resolution
+    rgb = bool(getattr(layer, "rgb", False))
+    spatial = min(3, data.ndim - int(rgb))
+    if spatial < 2:
+        raise InputError(f"layer '{layer.name}' has {data.ndim} dimension(s); 2 or more needed")
+    lead = data.ndim - int(rgb) - spatial
+    leading_index: tuple[int, ...] = ()
+    if lead:
+        point = world_point or (0.0,) * data.ndim
+        position = layer.world_to_data(point) if world_point is not None else (0,) * data.ndim
+        leading_index = tuple(
+            int(np.clip(round(position[i]), 0, data.shape[i] - 1)) for i in range(lead)
+        )
+    volume = np.asarray(data[leading_index] if lead else data)
+    scale = tuple(float(s) for s in layer.scale[lead : lead + spatial])
+    translate = tuple(float(t) for t in layer.translate[lead : lead + spatial])
+    return ImageSource(
+        layer.name,
+        volume,
+        rgb,
+        leading_index,
+        scale,
+        translate,
+        SourceInfo.of(layer.metadata),
+        tuple(str(a) for a in layer.axis_labels[: lead + spatial]),
+        tuple(str(u) for u in layer.units[: lead + spatial]),
+    )

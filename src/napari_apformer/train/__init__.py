@@ -1,0 +1,1 @@
+"""Training data and training (the napari-free core)."""
