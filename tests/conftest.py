@@ -1,8 +1,13 @@
+import os
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# napari reads its settings at import: keep tests away from the user's settings file.
+os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="napari-test-")) / "settings.yaml")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"
@@ -35,3 +40,15 @@ def random_model():
 
     torch.manual_seed(0)
     return APFormer(in_channels=1, n_classes=4).eval()
+
+
+@pytest.fixture(scope="session")
+def official_weights(official_model, tmp_path_factory) -> Path:
+    """The authors' released weights saved in our format (a trained pruning head)."""
+    from napari_apformer.model import ModelCard, save_weights
+
+    card = ModelCard.generic("official-gray9", 1, official_model.n_classes)
+    card.gates = official_model.trans4.stored_gates()
+    path = tmp_path_factory.mktemp("weights") / "official-gray9.safetensors"
+    save_weights(official_model, card, path)
+    return path

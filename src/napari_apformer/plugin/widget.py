@@ -207,7 +207,7 @@ class APFormerWidget(Container):
         if image.is_nifti:
             # Scanner y is anterior: draw it upwards, as medical viewers do (x = right stays
             # to the right: neurological convention).
-            self.viewer.camera.orientation2d = ("up", "right")
+            self.viewer.scene.camera.orientation2d = ("up", "right")
         self._request_live()
 
     def _axis_names(self, *_: object) -> list[str]:
@@ -266,6 +266,8 @@ class APFormerWidget(Container):
     def _on_per_layer_changed(self, *_: object) -> None:
         for slider in self.layer_gates:
             slider.visible = self.per_layer.value
+            if self.per_layer.value:  # start from the gate in use
+                slider.value = self.gate.value
         self.gate.enabled = not self.per_layer.value
         self._request_live()
 
