@@ -5,9 +5,9 @@ from pathlib import Path
 # napari reads its settings at import: keep tests away from the user's settings file.
 os.environ["NAPARI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="napari-test-")) / "settings.yaml")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 DATA = Path(__file__).parent / "data"
 SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"

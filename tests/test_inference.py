@@ -100,7 +100,7 @@ def test_probabilities_attention_and_token_maps(segmenter, volume):
     assert after.shape == before.shape == (4, 6, 32, 32)
     np.testing.assert_allclose(after.sum(axis=(2, 3)), 1.0, atol=1e-4)
     np.testing.assert_allclose(before.sum(axis=(2, 3)), 1.0, atol=1e-4)
-    assert ((after > 0).sum() <= (before > 0).sum())
+    assert (after > 0).sum() <= (before > 0).sum()
     assert not segmenter.attention(result, 1, pruned)[0].any()
     with pytest.raises(ValueError, match="attention_slices"):
         segmenter.attention(result, 0, kept)

@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
-from test_io import AFFINES, nifti_file
 
 from napari_apformer.errors import InputError
 from napari_apformer.plugin import _reader, _writer
 from napari_apformer.plugin._reader import get_reader, read_layers
 from napari_apformer.plugin.layer_metadata import SourceInfo
+from test_io import AFFINES, nifti_file
 
 
 @pytest.fixture
@@ -48,12 +48,14 @@ def test_oblique_nifti_is_placed_axis_aligned_and_says_so(tmp_path, notices):
     [(layer, kwargs, _)] = read_layers(str(path))
     assert len(notices) == 1 and "oblique" in notices[0]
     assert sorted(layer.shape) == sorted(data.shape)
-    assert sorted(kwargs["scale"]) == pytest.approx(sorted(np.linalg.norm(AFFINES["oblique"], axis=0)))
+    assert sorted(kwargs["scale"]) == pytest.approx(
+        sorted(np.linalg.norm(AFFINES["oblique"], axis=0))
+    )
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
 def test_labels_written_from_a_nifti_layer_land_on_the_source_voxels(tmp_path, name, notices):
-    path, data, affine = nifti_file(tmp_path, name, AFFINES[name])
+    path, data, _ = nifti_file(tmp_path, name, AFFINES[name])
     [(layer, kwargs, _)] = read_layers(str(path))
     labels = (layer > 500).astype(np.uint8) + (layer > 900)  # a function of the voxel value
     features = {"index": [0, 1, 2], "class": ["background", "mid", "high"]}
@@ -74,7 +76,9 @@ def test_labels_of_the_wrong_shape_are_refused(tmp_path, notices):
     path, _, _ = nifti_file(tmp_path, "LAS", AFFINES["LAS"])
     [(layer, kwargs, _)] = read_layers(str(path))
     with pytest.raises(InputError, match="do not match"):
-        _writer.write_nifti(str(tmp_path / "x.nii.gz"), np.zeros(layer.shape[::-1], np.uint8), kwargs)
+        _writer.write_nifti(
+            str(tmp_path / "x.nii.gz"), np.zeros(layer.shape[::-1], np.uint8), kwargs
+        )
     assert not (tmp_path / "x.nii.gz").exists()
 
 
