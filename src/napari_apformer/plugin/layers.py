@@ -153,9 +153,8 @@ class OutputLayers:
             )
             self._layers["attention"] = layer
         else:
-            layer.data = maps
-            layer.translate = (0.0, *translate)
             layer.contrast_limits = (0.0, top)
+            _update_in_place(layer, maps, (0.0, *translate))
 
     def show_query(self, image: ImageSource, world: tuple[float, ...]) -> None:
         layer = self.get("query point")
@@ -173,7 +172,7 @@ class OutputLayers:
                 size=6 * max(image.scale),
             )
             self._layers["query point"] = layer
-        else:
+        elif not np.allclose(layer.data, point):
             layer.data = point
 
     def _slice_layer(
@@ -188,8 +187,7 @@ class OutputLayers:
         scale, translate = image.slice_placement(maps.axis, maps.index)
         layer = self.get(role)
         if layer is not None and layer.data.shape == data.shape:
-            layer.data = data
-            layer.translate = translate
+            _update_in_place(layer, data, translate)
             return
         if layer is not None:
             self.viewer.layers.remove(layer)
@@ -212,6 +210,16 @@ class OutputLayers:
                 **common,
             )
         self._layers[role] = layer
+
+
+def _update_in_place(layer, data: np.ndarray, translate: tuple) -> None:
+    """New values for a layer of the same shape. Writing into the array and refreshing is
+    much cheaper than assigning `data` or `translate`, which make napari recompute the
+    extent of every layer (tens of ms per layer, measured in benchmarks/bench_widget.py)."""
+    if not np.allclose(layer.translate, translate):
+        layer.translate = translate
+    layer.data[...] = data
+    layer.refresh()
 
 
 def _set_classes(layer, table: list[dict]) -> None:

@@ -39,7 +39,7 @@ from napari_apformer.plugin.runs import Engine, LiveOutcome, LiveRequest, Settin
 from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 
 OTHER_WEIGHTS = "other file..."
-DEBOUNCE_MS = 30  # merges the events of one slider drag; the run itself is the real debounce
+DEBOUNCE_MS = 0  # merges events queued together; changes during a run merge into one rerun
 GATE_RANGE = (-8.0, 4.0)
 log = logging.getLogger(__name__)
 
