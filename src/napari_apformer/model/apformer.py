@@ -276,6 +276,21 @@ class APFormer(nn.Module):
             records.append(attention.attention_rows(x, index.to(x.device), gate_tensor))
         return records
 
+    def set_learnable_gates(self, learnable: bool, temperature: float = 0.02) -> None:
+        """Beyond the release: let training move the gates and the ratio layers (a
+        straight-through estimator through the hard dependency mask)."""
+        for layer in self.trans4.attention_layers:
+            layer.gate.requires_grad_(learnable)
+            layer.gate_temperature = temperature if learnable else None
+
+    @staticmethod
+    def soft_kept_dependencies(output: ModelOutput) -> torch.Tensor:
+        """Mean soft kept-dependency fraction over layers (a training penalty)."""
+        values = [t.soft_kept for t in output.layers if t.soft_kept is not None]
+        if not values:
+            raise ValueError("no soft kept fractions: train with set_learnable_gates(True)")
+        return torch.stack(values).mean()
+
     def add_first_layer(self, encoded: EncodedSlices, gate: float) -> None:
         """Compute and attach layer 1's output for every token at `gate` (see EncodedSlices)."""
         encoded.first_layer = self.trans4.first_layer_all(encoded.x4, gate)

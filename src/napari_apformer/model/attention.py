@@ -48,6 +48,7 @@ class LayerTrace:
     record: AttentionRecord | None = None
     content_attention: torch.Tensor | None = None  # (B, H, N, N) softmax(QK^T/sqrt(D)), for SSA
     layer_input: torch.Tensor | None = None  # (B, N, C) normed input, for attention_rows
+    soft_kept: torch.Tensor | None = None  # scalar, mean soft kept fraction (learnable gates)
 
     @staticmethod
     def cat(traces: Sequence[LayerTrace]) -> LayerTrace:
@@ -89,10 +90,14 @@ class PrunedAttention:
     normaliser: torch.Tensor  # (B, H, n, 1)
     kept_per_query: torch.Tensor  # (B, H, n) kept dependencies of each query
     before: torch.Tensor | None  # (B, H, n, N) attention before pruning, on request
+    soft_kept: torch.Tensor | None = None  # (B, H, n) soft kept fraction (learnable gates)
 
 
 def prune_dependencies(
-    scores: torch.Tensor, ratio: torch.Tensor, keep_before: bool = False
+    scores: torch.Tensor,
+    ratio: torch.Tensor,
+    keep_before: bool = False,
+    temperature: float | None = None,
 ) -> PrunedAttention:
     """Softmax over keys, then keep A_ij > min_i A + ratio_i (max_i A - min_i A), renormalised.
 
@@ -102,6 +107,10 @@ def prune_dependencies(
     A'_ij = A_ij M_ij / (sum_k A_ik M_ik + 1e-6) = w_ij M_ij / (sum_k w_ik M_ik + 1e-6 Z).
     The comparison stays a plain comparison: rescaling w first would move ties by an ulp and
     flip dependencies against the release. Without autograd the scores are overwritten.
+
+    temperature (training with learnable gates, beyond the release): the forward pass keeps
+    the hard mask, the backward pass takes the gradient of sigmoid((w - c) / temperature), a
+    straight-through estimator, so the gate and the ratio layer receive gradients.
     """
     inplace = not torch.is_grad_enabled()
     high = scores.amax(dim=-1, keepdim=True)
@@ -111,10 +120,15 @@ def prune_dependencies(
     before = weights / total if keep_before else None
     cut = floor + ratio * (1 - floor)
     mask = torch.gt(weights.detach(), cut.detach(), out=torch.empty_like(weights.detach()))
+    soft_kept = None
+    if temperature is not None and not inplace:
+        soft = torch.sigmoid((weights - cut) / temperature)
+        soft_kept = soft.mean(dim=-1)
+        mask = mask + soft - soft.detach()
     weights = weights.mul_(mask) if inplace else weights * mask
     normaliser = weights.sum(dim=-1, keepdim=True) + 1e-6 * total
-    kept_per_query = mask.sum(dim=-1).to(torch.int32)
-    return PrunedAttention(weights, normaliser, kept_per_query, before)
+    kept_per_query = mask.detach().sum(dim=-1).round().to(torch.int32)
+    return PrunedAttention(weights, normaliser, kept_per_query, before, soft_kept)
 
 
 class PruningAttention(nn.Module):
@@ -134,6 +148,7 @@ class PruningAttention(nn.Module):
         self.register_buffer("relative_position_index", index, persistent=False)
         self.register_buffer("squared_distance", squared_distance, persistent=False)
         self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        self.gate_temperature: float | None = None  # set: learnable gates (see prune_dependencies)
 
     def position_bias(self) -> torch.Tensor:
         """(H, N, N) learned relative bias plus the weighted Gaussian prior.
@@ -180,7 +195,8 @@ class PruningAttention(nn.Module):
 
         scores = self._scores(q, k, query_index)
         ratio = torch.sigmoid(self.thresh_for_kv(q)) * torch.sigmoid(gate)  # (B, H, n, 1)
-        pruned = prune_dependencies(scores, ratio, keep_before=capture)
+        temperature = self.gate_temperature if self.training else None
+        pruned = prune_dependencies(scores, ratio, keep_before=capture, temperature=temperature)
         del scores
         out = torch.matmul(pruned.weights, v) / pruned.normaliser
         out = out.transpose(1, 2).reshape(batch, n, inner)
@@ -188,6 +204,9 @@ class PruningAttention(nn.Module):
 
         to_grid = _query_rows_to_grid(query_index, query_valid, tokens)
         trace = LayerTrace(kept_per_query=to_grid(pruned.kept_per_query))
+        if pruned.soft_kept is not None:
+            valid = query_valid[:, None, :].to(pruned.soft_kept.dtype)
+            trace.soft_kept = (pruned.soft_kept * valid).sum() / valid.sum().clamp(min=1) / heads
         if capture:
             trace.record = AttentionRecord(
                 attention=to_grid(pruned.weights / pruned.normaliser),

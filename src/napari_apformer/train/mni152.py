@@ -98,6 +98,61 @@ def tissue_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
     return np.where(brain, tissue, 0).astype(np.uint8)
 
 
+DATA_TEXT = (
+    "the MNI ICBM152 2009 non-linear symmetric T1 template (1 mm, from the nilearn wheel) with "
+    "tissue labels from its grey- and white-matter maps; slices along all three axes"
+)
+LICENCE_TEXT = (
+    "Weights derived from the MNI ICBM152 2009 template: Copyright (C) 1993-2009 Louis "
+    "Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill "
+    "University; use, copy, modify and distribute with this notice, no warranty (full notice: "
+    "napari_apformer/samples/NOTICE_MNI152.txt). Code: MIT."
+)
+VALIDATION_BLOCK = (0.55, 0.65)  # of each axis's brain extent: one contiguous block per axis
+MIDLINE_MM = 4.0  # sagittal slices this close to x = 0 are left out (between the hemispheres)
+
+
+def slice_split(template: Template) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Train and validation slice indices per RAS axis (0 sagittal, 1 coronal, 2 axial)."""
+    labels = tissue_labels(template.t1, template.gm, template.wm)
+    train: dict[int, list[int]] = {}
+    val: dict[int, list[int]] = {}
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(labels.any(axis=others))
+        low, high = int(present[0]), int(present[-1])
+        start = low + int(VALIDATION_BLOCK[0] * (high - low))
+        stop = low + int(VALIDATION_BLOCK[1] * (high - low))
+        indices = range(low, high + 1)
+        if axis == 0:
+            world_x = template.affine[0, 0] * np.arange(labels.shape[0]) + template.affine[0, 3]
+            indices = [i for i in indices if abs(world_x[i]) >= MIDLINE_MM]
+        val[axis] = [i for i in indices if start <= i < stop]
+        train[axis] = [i for i in indices if not start <= i < stop]
+    return train, val
+
+
+def dataset(source: Path | None, normalisation) -> tuple:
+    """(training, validation) SliceSets of the template, split by slice_split."""
+    from napari_apformer.train.datasets import volume_slices
+
+    template = load_template(source)
+    labels = tissue_labels(template.t1, template.gm, template.wm)
+    train_slices, val_slices = slice_split(template)
+    common = {
+        "in_channels": 1,
+        "normalisation": normalisation,
+        "n_classes": len(CLASSES),
+        "axes": (0, 1, 2),
+        "spacing": tuple(float(z) for z in np.abs(np.diag(template.affine))[:3]),
+        "name": "MNI152",
+    }
+    return (
+        volume_slices(template.t1, labels, keep=train_slices, **common),
+        volume_slices(template.t1, labels, keep=val_slices, **common),
+    )
+
+
 def _load(where: Path, name: str) -> nib.Nifti1Image:
     try:
         if where.is_file() and zipfile.is_zipfile(where):

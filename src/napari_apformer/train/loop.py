@@ -1,0 +1,358 @@
+"""The training loop: augmentation, the spec's losses, validation Dice, the best weights.
+
+One process trains on the CPU or one GPU (mixed precision on CUDA). Launched by torchrun
+(WORLD_SIZE > 1) it runs DistributedDataParallel, each process on its share of every epoch;
+rank 0 validates and writes the files. Files beside `out` (a path without suffix):
+`out.safetensors` + `out.json` (best weights and card), `out.train-log.csv`,
+`out.train-curves.png`, `out.train-state.pt` (to resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from napari_apformer.engine.device import resolve_device
+from napari_apformer.errors import InputError
+from napari_apformer.model.apformer import APFormer
+from napari_apformer.model.card import ModelCard
+from napari_apformer.model.checkpoint import save_weights
+from napari_apformer.model.losses import training_loss
+from napari_apformer.train.augment import Augmentation
+from napari_apformer.train.datasets import SliceSet
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    card: ModelCard
+    epochs: int = 10
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    ssa_every: int = 1  # compute the SSA term every n-th step (1: every step, as the spec)
+    steps_per_epoch: int | None = None  # default: one pass over the training slices
+    max_minutes: float | None = None  # stop (validate, save) when this much time has passed
+    device: str = "auto"
+    learnable_gates: bool = False
+    gate_sparsity: float = 0.05  # weight of the kept-dependency term with learnable gates
+    resume: Path | None = None
+    init: Path | None = None  # start from these weights (fine-tuning)
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    progress: bool = True
+
+
+@dataclass
+class Validation:
+    dice: list[float]  # per class at the default token threshold (background first)
+    dice_unpruned: list[float]  # at token threshold 1.0
+    kept_tokens: float
+    kept_dependencies: float
+
+    @property
+    def mean_foreground(self) -> float:
+        return sum(self.dice[1:]) / max(1, len(self.dice) - 1)
+
+
+@dataclass
+class TrainSummary:
+    best: Validation | None
+    epochs: int
+    steps: int
+    seconds: float
+    stopped_early: bool
+
+
+class Distributed:
+    """torchrun's environment: rank, world size and the device of this process."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{local}"
+        self.device = resolve_device(device)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def check_data(train_set: SliceSet, val_set: SliceSet, n_classes: int) -> None:
+    if len(train_set) == 0:
+        raise InputError("the training set is empty (no slice with enough foreground)")
+    if len(val_set) == 0:
+        raise InputError("the validation set is empty")
+    for name, data in (("training", train_set), ("validation", val_set)):
+        top = int(data.masks.max())
+        if top >= n_classes:
+            raise InputError(f"{name} masks hold label {top}; the card declares {n_classes} classes")
+
+
+def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainSummary:
+    card = config.card
+    check_data(train_set, val_set, card.n_classes)
+    dist = Distributed(config.device)
+    torch.manual_seed(config.seed)
+    model = APFormer(card.in_channels, card.n_classes)
+    if config.init is not None:
+        from napari_apformer.model.checkpoint import load_model
+
+        model.load_state_dict(load_model(config.init).state_dict())
+    model.set_learnable_gates(config.learnable_gates)
+    model.to(dist.device).train()
+    wrapped: nn.Module = model
+    if dist.world > 1:
+        if dist.device.type == "cuda":
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+    )
+    per_epoch = config.steps_per_epoch or max(
+        1, len(train_set) // (config.batch_size * dist.world)
+    )
+    total_steps = per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda")
+    generator = torch.Generator().manual_seed(config.seed + dist.rank)
+    log_path = config.out.with_suffix(".train-log.csv")
+    state_path = config.out.with_suffix(".train-state.pt")
+    start_epoch, step, best = 0, 0, None
+    if config.resume is not None:
+        start_epoch, step, best = _resume(config.resume, model, optimizer, schedule, generator)
+    started = time.perf_counter()
+    stopped = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        order = torch.randperm(len(train_set), generator=generator)
+        bar = _progress(per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and dist.main)
+        sums: dict[str, float] = {}
+        for k in range(per_epoch):
+            lo = (k * dist.world + dist.rank) * config.batch_size % len(train_set)
+            index = order[torch.arange(lo, lo + config.batch_size) % len(train_set)]
+            images, masks = config.augmentation(
+                train_set.images[index], train_set.masks[index], generator
+            )
+            images, masks = images.to(dist.device), masks.to(dist.device)
+            with_ssa = step % config.ssa_every == 0
+            with torch.autocast(dist.device.type, enabled=dist.device.type == "cuda"):
+                out = wrapped(images, card.token_threshold, None, False, with_ssa)
+                losses = training_loss(out, masks, with_ssa=with_ssa)
+                total = losses["total"]
+                if config.learnable_gates:
+                    total = total + config.gate_sparsity * model.soft_kept_dependencies(out)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            step += 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(total.detach()):.3f}")
+                bar.update(1)
+            if config.max_minutes and time.perf_counter() - started > 60 * config.max_minutes:
+                stopped = True
+                break
+        if bar is not None:
+            bar.close()
+        done_steps = k + 1
+        if dist.main:
+            validation = evaluate(model, val_set, card.token_threshold, dist.device)
+            model.train()
+            improved = best is None or validation.mean_foreground > best.mean_foreground
+            if improved:
+                best = validation
+                _save_best(model, config, validation, epoch + 1, step, started)
+            _log(log_path, epoch + 1, step, time.perf_counter() - started, sums, done_steps, validation, card)
+            plot_curves(log_path, config.out.with_suffix(".train-curves.png"))
+            _save_state(state_path, model, optimizer, schedule, generator, epoch + 1, step, best)
+            if config.progress:
+                print(
+                    f"epoch {epoch + 1}: val Dice "
+                    + ", ".join(f"{c.name} {d:.3f}" for c, d in zip(card.classes[1:], validation.dice[1:], strict=True))
+                    + f"; kept tokens {100 * validation.kept_tokens:.0f} %"
+                    + (" (best)" if improved else ""),
+                    flush=True,
+                )
+        dist.barrier()
+        if stopped:
+            break
+    return TrainSummary(best, epoch + 1, step, time.perf_counter() - started, stopped)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: APFormer, val_set: SliceSet, token_threshold: float, device: torch.device, batch: int = 8
+) -> Validation:
+    """Per-class Dice over all validation slices (pixels pooled), pruned and unpruned."""
+    model.eval()
+    n = model.n_classes
+    counts = {tau: torch.zeros(n, 3) for tau in (token_threshold, 1.0)}
+    kept_tokens = kept_dependencies = possible = 0.0
+    for lo in range(0, len(val_set), batch):
+        images = val_set.images[lo : lo + batch].to(device)
+        masks = val_set.masks[lo : lo + batch].to(device)
+        encoded = model.encode(images)
+        for tau in counts:
+            out = model.decode(encoded, tau)
+            labels = out.logits.argmax(dim=1)
+            for c in range(n):
+                predicted, truth = labels == c, masks == c
+                counts[tau][c] += torch.tensor(
+                    [float((predicted & truth).sum()), float(predicted.sum()), float(truth.sum())]
+                )
+            if tau == token_threshold:
+                kept = out.keep.sum(dim=1).float()
+                kept_tokens += float(kept.sum())
+                kept_dependencies += float(out.kept_dependencies.sum())
+                heads = model.trans4.attention_layers[0].heads
+                possible += float((kept * model.depth * heads * out.keep.shape[1]).sum())
+    dice = {tau: [_dice(row) for row in c] for tau, c in counts.items()}
+    return Validation(
+        dice[token_threshold],
+        dice[1.0],
+        kept_tokens / (len(val_set) * 1024),
+        kept_dependencies / possible if possible else 0.0,
+    )
+
+
+def _dice(row: torch.Tensor) -> float:
+    both, predicted, truth = (float(v) for v in row)
+    return 1.0 if predicted + truth == 0 else 2 * both / (predicted + truth)
+
+
+def _warmup_cosine(total: int):
+    warmup = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", leave=False, disable=None)
+
+
+def _save_best(model, config: TrainConfig, validation: Validation, epoch: int, step: int, started: float) -> None:
+    card = config.card
+    names = [c.name for c in card.classes]
+    card.metrics = {
+        "validation_dice": dict(zip(names, validation.dice, strict=True)),
+        "validation_dice_token_threshold_1": dict(zip(names, validation.dice_unpruned, strict=True)),
+        "validation_mean_foreground_dice": validation.mean_foreground,
+        "validation_kept_tokens": validation.kept_tokens,
+        "validation_kept_dependencies": validation.kept_dependencies,
+        "epoch": epoch,
+        "step": step,
+        "training_seconds_so_far": round(time.perf_counter() - started, 1),
+    }
+    card.placeholder = False
+    card.gates = model.trans4.stored_gates()
+    save_weights(model, card, config.out.with_suffix(".safetensors"))
+
+
+def _log(path: Path, epoch: int, step: int, seconds: float, sums: dict, steps: int, v: Validation, card: ModelCard) -> None:
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "seconds": round(seconds, 1),
+        **{f"loss_{k}": round(s / max(1, steps), 5) for k, s in sums.items()},
+        **{f"dice_{c.name}": round(d, 5) for c, d in zip(card.classes, v.dice, strict=True)},
+        "mean_foreground_dice": round(v.mean_foreground, 5),
+        "kept_tokens": round(v.kept_tokens, 5),
+        "kept_dependencies": round(v.kept_dependencies, 5),
+    }
+    new = not path.exists() or epoch == 1
+    with path.open("w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(log_path: Path, out: Path) -> None:
+    """Loss and validation Dice per epoch, from the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with log_path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in [k for k in rows[0] if k.startswith("loss_")]:
+        left.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key[5:])
+    left.set(xlabel="epoch", ylabel="training loss", title="losses")
+    left.legend()
+    for key in [k for k in rows[0] if k.startswith("dice_") and k != "dice_background"]:
+        right.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key[5:])
+    right.set(xlabel="epoch", ylabel="validation Dice", title="validation", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _save_state(path: Path, model, optimizer, schedule, generator, epoch: int, step: int, best: Validation | None) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "epoch": epoch,
+        "step": step,
+        "best_dice": best.mean_foreground if best else -1.0,
+    }
+    tmp = path.with_suffix(".part")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, model, optimizer, schedule, generator) -> tuple[int, int, Validation | None]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a bad or foreign file: say which and why
+        raise InputError(f"cannot resume from this file ({error})", path) from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    best = None
+    if state["best_dice"] >= 0:
+        best = Validation([0.0, state["best_dice"]], [], 0.0, 0.0)
+    return int(state["epoch"]), int(state["step"]), best
