@@ -12,3 +12,26 @@ def test_package_io_and_cli_do_not_import_torch_or_qt():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_napari_start_up_modules_do_not_import_torch():
+    """What napari loads at start-up and to open files: the manifest's reader, writer and
+    sample commands. Only the widget imports torch (when it opens)."""
+    code = (
+        "import sys, napari_apformer.plugin._reader, napari_apformer.plugin._writer, "
+        "napari_apformer.plugin._sample_data as s; s.brain_slice(); "
+        "print('torch' in sys.modules); sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_manifest_is_valid_and_found():
+    from npe2 import PluginManager, PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-apformer")
+    assert manifest.name == "napari-apformer"
+    PluginManager.instance().discover()
+    contributions = manifest.contributions
+    assert {w.display_name for w in contributions.widgets} == {"APFormer"}
+    assert len(contributions.sample_data) == 3 and len(contributions.writers) == 3
