@@ -22,6 +22,7 @@ LABEL_STEM_SUFFIX = "_seg"
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded by train
     try:
         return args.run(args)
     except InputError as error:

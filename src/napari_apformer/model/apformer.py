@@ -307,9 +307,10 @@ class APFormer(nn.Module):
 
     def gate_values(self, gate: float | Sequence[float] | None, like: torch.Tensor) -> torch.Tensor:
         """(depth,) gates: the stored ones by default, or one value for all, or one per layer."""
-        if gate is None:
-            values = self.trans4.stored_gates()
-        elif isinstance(gate, int | float):
+        if gate is None:  # the parameters themselves: learnable gates get their gradient
+            gates = [layer.gate for layer in self.trans4.attention_layers]
+            return torch.stack(gates).to(dtype=like.dtype, device=like.device)
+        if isinstance(gate, int | float):
             values = [float(gate)] * self.depth
         else:
             values = [float(g) for g in gate]

@@ -367,7 +367,7 @@ class PruningTransformer(nn.Module):
         return [attn.fn for attn, _ in self.transformer.layers]
 
     def stored_gates(self) -> list[float]:
-        return [float(layer.gate) for layer in self.attention_layers]
+        return [float(layer.gate.detach()) for layer in self.attention_layers]
 
     def forward(
         self,

@@ -56,7 +56,9 @@ class Augmentation:
             coarse = (torch.rand(b, 2, 5, 5, generator=g) * 2 - 1) * self.elastic
             field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
             grid = grid + field.permute(0, 2, 3, 1)
-        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        images = F.grid_sample(
+            images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         masks = F.grid_sample(
             masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
         )[:, 0].long()
@@ -65,7 +67,7 @@ class Augmentation:
     def intensity(
         self, images: torch.Tensor, masks: torch.Tensor, g: torch.Generator
     ) -> torch.Tensor:
-        b, c, h, w = images.shape
+        b, _, h, w = images.shape
         n_classes = int(masks.max()) + 1
         remap = _uniform(g, b, 0, 1) < self.remap_probability
         if remap.any():
@@ -90,9 +92,11 @@ class Augmentation:
             small = F.interpolate(images, scale_factor=1 / factor, mode="area")
             coarse_images = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
             images = torch.where(low[:, None, None, None], coarse_images, images)
-        noise = torch.randn(images.shape, generator=g) * self.noise * _uniform(g, b, 0, 1)[
-            :, None, None, None
-        ]
+        noise = (
+            torch.randn(images.shape, generator=g)
+            * self.noise
+            * _uniform(g, b, 0, 1)[:, None, None, None]
+        )
         return (images + noise).clamp(0, 1)
 
 
@@ -106,5 +110,9 @@ def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = images.shape[1]
-    images = F.conv2d(images, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, radius), groups=c)
-    return F.conv2d(images, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(radius, 0), groups=c)
+    images = F.conv2d(
+        images, kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, radius), groups=c
+    )
+    return F.conv2d(
+        images, kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(radius, 0), groups=c
+    )

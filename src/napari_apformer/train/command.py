@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -24,36 +23,71 @@ def add_train_parser(commands) -> None:
         "Several GPUs: torchrun --nproc-per-node N -m napari_apformer.cli train ...",
     )
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--mni152", nargs="?", const="installed", metavar="WHEEL_OR_FOLDER",
-                      help="the MNI152 template: a nilearn wheel, its data folder, or (no "
-                      "value) an installed nilearn")
+    data.add_argument(
+        "--mni152",
+        nargs="?",
+        const="installed",
+        metavar="WHEEL_OR_FOLDER",
+        help="the MNI152 template: a nilearn wheel, its data folder, or (no "
+        "value) an installed nilearn",
+    )
     data.add_argument("--images", type=Path, metavar="DIR", help="images/ + masks/ (2D)")
     data.add_argument("--nifti", type=Path, metavar="DIR", help="images/ + labels/ (NIfTI)")
     data.add_argument("--release", type=Path, metavar="DIR", help="the authors' layout")
-    parser.add_argument("-o", "--out", type=Path, required=True,
-                        help="weights path without suffix, e.g. weights/my-model")
-    parser.add_argument("--classes", default=None,
-                        help="class names in label order, comma separated (default: from the "
-                        "data set, or 'background,class 1,...')")
-    parser.add_argument("--axes", default="0,1,2",
-                        help="NIfTI slice axes in RAS order: 0 sagittal, 1 coronal, 2 axial")
-    parser.add_argument("--val-fraction", type=float, default=0.2,
-                        help="files held out for validation (--images, --nifti)")
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        required=True,
+        help="weights path without suffix, e.g. weights/my-model",
+    )
+    parser.add_argument(
+        "--classes",
+        default=None,
+        help="class names in label order, comma separated (default: from the "
+        "data set, or 'background,class 1,...')",
+    )
+    parser.add_argument(
+        "--axes",
+        default="0,1,2",
+        help="NIfTI slice axes in RAS order: 0 sagittal, 1 coronal, 2 axial",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="files held out for validation (--images, --nifti)",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ssa-every", type=int, default=1,
-                        help="compute the SSA loss every n-th step (1 = every step, the spec)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop after this much time, validate and keep the best weights")
+    parser.add_argument(
+        "--ssa-every",
+        type=int,
+        default=1,
+        help="compute the SSA loss every n-th step (1 = every step, the spec)",
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this much time, validate and keep the best weights",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--learnable-gates", action="store_true",
-                        help="beyond the release: learn the dependency gates (straight-through)")
-    parser.add_argument("--gate-sparsity", type=float, default=0.05,
-                        help="weight of the kept-dependency penalty with --learnable-gates")
+    parser.add_argument(
+        "--learnable-gates",
+        action="store_true",
+        help="beyond the release: learn the dependency gates (straight-through)",
+    )
+    parser.add_argument(
+        "--gate-sparsity",
+        type=float,
+        default=0.05,
+        help="weight of the kept-dependency penalty with --learnable-gates",
+    )
     parser.add_argument("--init", type=Path, default=None, help="start from these weights")
     parser.add_argument("--resume", type=Path, default=None, help="a .train-state.pt file")
     parser.add_argument("--no-progress", action="store_true")
@@ -72,8 +106,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise InputError("--epochs, --batch-size and --ssa-every must be at least 1")
     normalisation = Normalisation()
     started = time.perf_counter()
-    train_set, val_set, default_names, data_text, licence = load_data(args, normalisation)
-    names = [n.strip() for n in args.classes.split(",")] if args.classes else default_names
+    declared = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    train_set, val_set, default_names, data_text, licence = load_data(
+        args, normalisation, len(declared) if declared else 256
+    )
+    names = declared or default_names
     top = int(max(train_set.masks.max(), val_set.masks.max())) if len(train_set) else 0
     if len(names) <= top:
         raise InputError(f"the masks hold label {top} but only {len(names)} class names were given")
@@ -81,12 +118,14 @@ def run_train(args: argparse.Namespace) -> int:
     card = ModelCard(
         name=args.out.name,
         in_channels=int(train_set.images.shape[1]) if len(train_set) else 1,
-        classes=[ClassInfo(k, n, colours[k] if k < len(colours) else DEFAULT_COLOURS[k % 16])
-                 for k, n in enumerate(names)],
+        classes=[
+            ClassInfo(k, n, colours[k] if k < len(colours) else DEFAULT_COLOURS[k % 16])
+            for k, n in enumerate(names)
+        ],
         normalisation=normalisation,
         description=f"APFormer trained with `apformer train` on {data_text}.",
         training={
-            "command": "apformer " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": "apformer " + " ".join(shlex.quote(str(a)) for a in args.command_line),
             "data": data_text,
             "training_slices": len(train_set),
             "validation_slices": len(val_set),
@@ -98,22 +137,36 @@ def run_train(args: argparse.Namespace) -> int:
     )
     print(f"training on {len(train_set)} slices, validating on {len(val_set)}", flush=True)
     config = TrainConfig(
-        out=args.out, card=card, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, seed=args.seed, ssa_every=args.ssa_every,
-        steps_per_epoch=args.steps_per_epoch, max_minutes=args.max_minutes, device=args.device,
-        learnable_gates=args.learnable_gates, gate_sparsity=args.gate_sparsity,
-        resume=args.resume, init=args.init, progress=not args.no_progress,
+        out=args.out,
+        card=card,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        ssa_every=args.ssa_every,
+        steps_per_epoch=args.steps_per_epoch,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        learnable_gates=args.learnable_gates,
+        gate_sparsity=args.gate_sparsity,
+        resume=args.resume,
+        init=args.init,
+        progress=not args.no_progress,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = train(train_set, val_set, config)
     _record_wall_time(args.out, time.perf_counter() - started, summary)
+    weights = args.out.with_suffix(".safetensors")
     if summary.best is not None:
-        dice = ", ".join(f"{c.name} {d:.3f}" for c, d in zip(card.classes[1:], summary.best.dice[1:], strict=True))
-        print(f"best validation Dice: {dice}; weights in {args.out.with_suffix('.safetensors')}")
+        pairs = zip(card.classes[1:], summary.best.dice[1:], strict=True)
+        dice = ", ".join(f"{c.name} {d:.3f}" for c, d in pairs)
+        print(f"best validation Dice: {dice}; weights in {weights}")
+    else:
+        print(f"no epoch of this run beat the best so far; the weights in {weights} stay")
     return 0
 
 
-def load_data(args: argparse.Namespace, normalisation):
+def load_data(args: argparse.Namespace, normalisation, n_classes: int):
     """(train, validation, class names, data description, licence)."""
     from napari_apformer.train import datasets, mni152
 
@@ -123,7 +176,7 @@ def load_data(args: argparse.Namespace, normalisation):
         names = [c["name"] for c in mni152.CLASSES]
         return train_set, val_set, names, mni152.DATA_TEXT, mni152.LICENCE_TEXT
     axes = [int(a) for a in args.axes.split(",")]
-    options = {"in_channels": 1, "normalisation": normalisation, "n_classes": 256}
+    options = {"in_channels": 1, "normalisation": normalisation, "n_classes": n_classes}
     if args.release is not None:
         train_set = datasets.release_split(args.release, "train", **options)
         val_set = datasets.release_split(args.release, "val", **options)

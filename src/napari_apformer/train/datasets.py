@@ -106,9 +106,8 @@ def _model_input(prepared: PreparedImage, index: int) -> torch.Tensor:
 
 
 def check_labels(labels: np.ndarray, n_classes: int, name: str) -> None:
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.array_equal(labels, np.round(labels)):
-            raise InputError("mask values must be whole numbers (class labels)", name)
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise InputError("mask values must be whole numbers (class labels)", name)
     values = np.unique(labels)
     outside = [int(v) for v in values if not 0 <= v < n_classes]
     if outside:
@@ -160,7 +159,9 @@ def read_pair(image_path: Path, mask_path: Path) -> tuple[ImageFile, np.ndarray]
     labels = mask.data
     if mask.rgb:  # a colour mask: one channel holds the labels if all agree
         if not (np.array_equal(labels[..., 0], labels[..., 1])):
-            raise InputError("colour masks are not supported; store class labels as grey", mask_path)
+            raise InputError(
+                "colour masks are not supported; store class labels as grey", mask_path
+            )
         labels = labels[..., 0]
     spatial = image.data.shape[: image.data.ndim - int(image.rgb)]
     if labels.shape != spatial:

@@ -102,7 +102,9 @@ def check_data(train_set: SliceSet, val_set: SliceSet, n_classes: int) -> None:
     for name, data in (("training", train_set), ("validation", val_set)):
         top = int(data.masks.max())
         if top >= n_classes:
-            raise InputError(f"{name} masks hold label {top}; the card declares {n_classes} classes")
+            raise InputError(
+                f"{name} masks hold label {top}; the card declares {n_classes} classes"
+            )
 
 
 def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainSummary:
@@ -122,7 +124,8 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
         if dist.device.type == "cuda":
             wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            wrapped,
+            device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
     optimizer = torch.optim.AdamW(
@@ -130,24 +133,27 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
     )
-    per_epoch = config.steps_per_epoch or max(
-        1, len(train_set) // (config.batch_size * dist.world)
-    )
+    per_epoch = config.steps_per_epoch or max(1, len(train_set) // (config.batch_size * dist.world))
     total_steps = per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=dist.device.type == "cuda")
     generator = torch.Generator().manual_seed(config.seed + dist.rank)
     log_path = config.out.with_suffix(".train-log.csv")
     state_path = config.out.with_suffix(".train-state.pt")
-    start_epoch, step, best = 0, 0, None
+    start_epoch, step, best_score = 0, 0, -1.0
+    best: Validation | None = None  # the best of this run
     if config.resume is not None:
-        start_epoch, step, best = _resume(config.resume, model, optimizer, schedule, generator)
+        start_epoch, step, best_score = _resume(
+            config.resume, model, optimizer, schedule, generator
+        )
     started = time.perf_counter()
     stopped = False
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs):
         order = torch.randperm(len(train_set), generator=generator)
-        bar = _progress(per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and dist.main)
+        bar = _progress(
+            per_epoch, f"epoch {epoch + 1}/{config.epochs}", config.progress and dist.main
+        )
         sums: dict[str, float] = {}
         for k in range(per_epoch):
             lo = (k * dist.world + dist.rank) * config.batch_size % len(train_set)
@@ -183,17 +189,31 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
         if dist.main:
             validation = evaluate(model, val_set, card.token_threshold, dist.device)
             model.train()
-            improved = best is None or validation.mean_foreground > best.mean_foreground
+            improved = validation.mean_foreground > best_score
             if improved:
-                best = validation
+                best, best_score = validation, validation.mean_foreground
                 _save_best(model, config, validation, epoch + 1, step, started)
-            _log(log_path, epoch + 1, step, time.perf_counter() - started, sums, done_steps, validation, card)
+            _log(
+                log_path,
+                epoch + 1,
+                step,
+                time.perf_counter() - started,
+                sums,
+                done_steps,
+                validation,
+                card,
+            )
             plot_curves(log_path, config.out.with_suffix(".train-curves.png"))
-            _save_state(state_path, model, optimizer, schedule, generator, epoch + 1, step, best)
+            _save_state(
+                state_path, model, optimizer, schedule, generator, epoch + 1, step, best_score
+            )
             if config.progress:
                 print(
                     f"epoch {epoch + 1}: val Dice "
-                    + ", ".join(f"{c.name} {d:.3f}" for c, d in zip(card.classes[1:], validation.dice[1:], strict=True))
+                    + ", ".join(
+                        f"{c.name} {d:.3f}"
+                        for c, d in zip(card.classes[1:], validation.dice[1:], strict=True)
+                    )
                     + f"; kept tokens {100 * validation.kept_tokens:.0f} %"
                     + (" (best)" if improved else ""),
                     flush=True,
@@ -265,12 +285,16 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="step", leave=False, disable=None)
 
 
-def _save_best(model, config: TrainConfig, validation: Validation, epoch: int, step: int, started: float) -> None:
+def _save_best(
+    model, config: TrainConfig, validation: Validation, epoch: int, step: int, started: float
+) -> None:
     card = config.card
     names = [c.name for c in card.classes]
     card.metrics = {
         "validation_dice": dict(zip(names, validation.dice, strict=True)),
-        "validation_dice_token_threshold_1": dict(zip(names, validation.dice_unpruned, strict=True)),
+        "validation_dice_token_threshold_1": dict(
+            zip(names, validation.dice_unpruned, strict=True)
+        ),
         "validation_mean_foreground_dice": validation.mean_foreground,
         "validation_kept_tokens": validation.kept_tokens,
         "validation_kept_dependencies": validation.kept_dependencies,
@@ -283,7 +307,16 @@ def _save_best(model, config: TrainConfig, validation: Validation, epoch: int, s
     save_weights(model, card, config.out.with_suffix(".safetensors"))
 
 
-def _log(path: Path, epoch: int, step: int, seconds: float, sums: dict, steps: int, v: Validation, card: ModelCard) -> None:
+def _log(
+    path: Path,
+    epoch: int,
+    step: int,
+    seconds: float,
+    sums: dict,
+    steps: int,
+    v: Validation,
+    card: ModelCard,
+) -> None:
     row = {
         "epoch": epoch,
         "step": step,
@@ -328,7 +361,9 @@ def plot_curves(log_path: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def _save_state(path: Path, model, optimizer, schedule, generator, epoch: int, step: int, best: Validation | None) -> None:
+def _save_state(
+    path: Path, model, optimizer, schedule, generator, epoch: int, step: int, best_score: float
+) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -336,14 +371,14 @@ def _save_state(path: Path, model, optimizer, schedule, generator, epoch: int, s
         "generator": generator.get_state(),
         "epoch": epoch,
         "step": step,
-        "best_dice": best.mean_foreground if best else -1.0,
+        "best_score": best_score,
     }
     tmp = path.with_suffix(".part")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _resume(path: Path, model, optimizer, schedule, generator) -> tuple[int, int, Validation | None]:
+def _resume(path: Path, model, optimizer, schedule, generator) -> tuple[int, int, float]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a bad or foreign file: say which and why
@@ -352,7 +387,4 @@ def _resume(path: Path, model, optimizer, schedule, generator) -> tuple[int, int
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     generator.set_state(state["generator"])
-    best = None
-    if state["best_dice"] >= 0:
-        best = Validation([0.0, state["best_dice"]], [], 0.0, 0.0)
-    return int(state["epoch"]), int(state["step"]), best
+    return int(state["epoch"]), int(state["step"]), float(state["best_score"])

@@ -1,0 +1,177 @@
+"""Training: data checks before training, a few steps on tiny images, resume, the release
+layout, augmentation, learnable gates and torchrun (not for quality)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+from napari_apformer.cli import main
+from napari_apformer.model import APFormer, load_model
+from napari_apformer.model.card import Normalisation
+from napari_apformer.model.losses import training_loss
+from napari_apformer.train import datasets
+from napari_apformer.train.augment import Augmentation
+
+
+def tiny_folder(root, count=4, size=(40, 48), label=2):
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for k in range(count):
+        mask = np.zeros(size, np.uint8)
+        y, x = rng.integers(4, 20, 2)
+        mask[y : y + 14, x : x + 16] = label
+        mask[y + 4 : y + 8, x + 4 : x + 8] = 1
+        image = (mask * 60 + rng.integers(0, 30, size)).astype(np.uint8)
+        iio.imwrite(root / "images" / f"case{k}.png", image)
+        iio.imwrite(root / "masks" / f"case{k}.png", mask)
+    return root
+
+
+def run_cli(*args):
+    return main(["train", *map(str, args), "--no-progress", "--threads", "2"])
+
+
+def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "w" / "tiny"
+    common = ["--images", data, "-o", out, "--steps-per-epoch", 1, "--batch-size", 2]
+    assert run_cli(*common, "--epochs", 1, "--classes", "background,core,rim") == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert [c["name"] for c in card["classes"]] == ["background", "core", "rim"]
+    assert set(card["metrics"]["validation_dice"]) == {"background", "core", "rim"}
+    assert card["training"]["steps_run"] == 1 and "apformer train" in card["training"]["command"]
+    assert not card["placeholder"]
+    model = load_model(out.with_suffix(".safetensors"))  # SHA-256 checked
+    assert model.n_classes == 3
+    for suffix in (".train-log.csv", ".train-curves.png", ".train-state.pt"):
+        assert out.with_suffix(suffix).is_file()
+    state = out.with_suffix(".train-state.pt")
+    assert run_cli(*common, "--epochs", 2, "--resume", state) == 0
+    rows = out.with_suffix(".train-log.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[-1].startswith("2,2,")  # epoch 2 continued at step 2
+    assert "best validation Dice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing mask", "no mask for case1"),
+        ("label outside", "outside the declared classes"),
+        ("size mismatch", "does not match its image"),
+        ("empty", "no images in images/"),
+        ("one pair", "at least 2 image/mask pairs"),
+    ],
+)
+def test_bad_data_is_reported_before_training(tmp_path, capsys, problem, message):
+    data = tiny_folder(tmp_path / "data", count=1 if problem == "one pair" else 4)
+    if problem == "missing mask":
+        (data / "masks" / "case1.png").unlink()
+    elif problem == "label outside":
+        iio.imwrite(data / "masks" / "case2.png", np.full((40, 48), 7, np.uint8))
+    elif problem == "size mismatch":
+        iio.imwrite(data / "masks" / "case2.png", np.zeros((30, 30), np.uint8))
+    elif problem == "empty":
+        for f in [*(data / "images").iterdir(), *(data / "masks").iterdir()]:
+            f.unlink()
+    classes = ["--classes", "background,core,rim"]
+    assert run_cli("--images", data, "-o", tmp_path / "w", *classes) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_release_layout_reads_binary_masks(tmp_path):
+    root = tmp_path / "release"
+    (root / "img").mkdir(parents=True)
+    (root / "labelcol").mkdir()
+    (root / "MainPatient").mkdir()
+    for k in range(3):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 255
+        iio.imwrite(root / "img" / f"{k:04d}.png", (mask // 2 + 20).astype(np.uint8))
+        iio.imwrite(root / "labelcol" / f"{k:04d}.png", mask)
+    (root / "MainPatient" / "train.txt").write_text("0000\n0001\n")
+    (root / "MainPatient" / "val.txt").write_text("0002\n")
+    options = {"in_channels": 1, "normalisation": Normalisation(), "n_classes": 256}
+    train_set = datasets.release_split(root, "train", **options)
+    assert len(train_set) == 2 and set(train_set.masks.unique().tolist()) == {0, 1}
+    (root / "MainPatient" / "val.txt").write_text("0009\n")
+    with pytest.raises(Exception, match="lack img/ or labelcol/"):
+        datasets.release_split(root, "val", **options)
+
+
+def test_augmentation_is_deterministic_and_keeps_labels_valid():
+    images = torch.rand(3, 1, 256, 256)
+    masks = torch.randint(0, 4, (3, 256, 256))
+    augment = Augmentation()
+    a = augment(images, masks, torch.Generator().manual_seed(5))
+    b = augment(images, masks, torch.Generator().manual_seed(5))
+    c = augment(images, masks, torch.Generator().manual_seed(6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].min() >= 0 and a[0].max() <= 1 and set(a[1].unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_learnable_gates_get_gradients_only_when_asked():
+    torch.manual_seed(0)
+    x, y = torch.rand(1, 1, 256, 256), torch.randint(0, 3, (1, 256, 256))
+    for learnable in (False, True):
+        model = APFormer(1, 3).train()
+        model.set_learnable_gates(learnable)
+        out = model(x, 1.0)
+        loss = training_loss(out, y, with_ssa=False)["total"]
+        if learnable:
+            loss = loss + model.soft_kept_dependencies(out)
+        loss.backward()
+        gate = model.trans4.attention_layers[0].gate
+        assert (gate.grad is not None and gate.grad.abs() > 0) == learnable
+        ratio = model.trans4.attention_layers[1].thresh_for_kv.weight.grad
+        assert (ratio is not None and ratio.abs().sum() > 0) == learnable
+
+
+def test_torchrun_runs_distributed_data_parallel(tmp_path):
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29617",
+            "-m",
+            "napari_apformer.cli",
+            "train",
+            "--images",
+            str(data),
+            "-o",
+            str(out),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--batch-size",
+            "1",
+            "--ssa-every",
+            "2",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.with_suffix(".safetensors").is_file()
