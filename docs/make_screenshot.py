@@ -38,7 +38,9 @@ def main() -> None:
             time.sleep(0.01)
 
     settle()
-    centre = [t + s * (n - 1) / 2 for t, s, n in zip(image.translate, image.scale, image.data.shape)]
+    centre = [
+        t + s * (n - 1) / 2 for t, s, n in zip(image.translate, image.scale, image.data.shape)
+    ]
     widget.set_query((viewer.dims.point[-3], centre[1] + 20.0, centre[2] - 25.0))
     settle()
     viewer.layers.selection.active = image

@@ -58,6 +58,16 @@ def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys
     assert len(rows) == 3 and rows[-1].startswith("2,2,")  # epoch 2 continued at step 2
     assert "best validation Dice" in capsys.readouterr().out
 
+    sweep_out = tmp_path / "sweep" / "tiny"
+    args = ["sweep", "--images", data, "--weights", out.with_suffix(".safetensors"), "-o"]
+    assert main([*map(str, args), str(sweep_out), "--thresholds", "1.0,0.3", "--gates", "-2"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| 1 | -2 |") == 1 and "| 0.3 | -2 |" in table
+    rows = sweep_out.with_suffix(".csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].split(",")[-3] == "1.00000"  # all tokens kept at 1.0
+    assert float(rows[2].split(",")[-1]) <= float(rows[1].split(",")[-1])
+    assert sweep_out.with_suffix(".png").is_file() and sweep_out.with_suffix(".md").is_file()
+
 
 @pytest.mark.parametrize(
     "problem, message",

@@ -13,7 +13,7 @@ from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, stem_of
 from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
 from napari_apformer.io.geometry import SLICE_AXES
-from napari_apformer.train.command import add_train_parser
+from napari_apformer.train.command import add_sweep_parser, add_train_parser
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".png", ".tif", ".tiff")
 LABEL_STEM_SUFFIX = "_seg"
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=run_predict)
 
     add_train_parser(commands)
+    add_sweep_parser(commands)
 
     info = commands.add_parser("info", help="weights, devices and versions")
     add_model_options(info)

@@ -22,18 +22,7 @@ def add_train_parser(commands) -> None:
         "(--nifti), or the authors' release layout img/ labelcol/ MainPatient/ (--release). "
         "Several GPUs: torchrun --nproc-per-node N -m napari_apformer.cli train ...",
     )
-    data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument(
-        "--mni152",
-        nargs="?",
-        const="installed",
-        metavar="WHEEL_OR_FOLDER",
-        help="the MNI152 template: a nilearn wheel, its data folder, or (no "
-        "value) an installed nilearn",
-    )
-    data.add_argument("--images", type=Path, metavar="DIR", help="images/ + masks/ (2D)")
-    data.add_argument("--nifti", type=Path, metavar="DIR", help="images/ + labels/ (NIfTI)")
-    data.add_argument("--release", type=Path, metavar="DIR", help="the authors' layout")
+    add_data_arguments(parser)
     parser.add_argument(
         "-o",
         "--out",
@@ -46,17 +35,6 @@ def add_train_parser(commands) -> None:
         default=None,
         help="class names in label order, comma separated (default: from the "
         "data set, or 'background,class 1,...')",
-    )
-    parser.add_argument(
-        "--axes",
-        default="0,1,2",
-        help="NIfTI slice axes in RAS order: 0 sagittal, 1 coronal, 2 axial",
-    )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="files held out for validation (--images, --nifti)",
     )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps-per-epoch", type=int, default=None)
@@ -92,6 +70,89 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--resume", type=Path, default=None, help="a .train-state.pt file")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run_train)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument(
+        "--mni152",
+        nargs="?",
+        const="installed",
+        metavar="WHEEL_OR_FOLDER",
+        help="the MNI152 template: a nilearn wheel, its data folder, or (no "
+        "value) an installed nilearn",
+    )
+    data.add_argument("--images", type=Path, metavar="DIR", help="images/ + masks/ (2D)")
+    data.add_argument("--nifti", type=Path, metavar="DIR", help="images/ + labels/ (NIfTI)")
+    data.add_argument("--release", type=Path, metavar="DIR", help="the authors' layout")
+    parser.add_argument(
+        "--axes",
+        default="0,1,2",
+        help="NIfTI slice axes in RAS order: 0 sagittal, 1 coronal, 2 axial",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="files held out for validation (--images, --nifti)",
+    )
+
+
+def add_sweep_parser(commands) -> None:
+    parser = commands.add_parser(
+        "sweep",
+        help="Dice and GFLOP over token thresholds and gates on labelled data",
+        description="Segment the validation slices of a labelled data set (the same split as "
+        "`apformer train` makes) for every token threshold and gate given; print a table and "
+        "write OUT.csv, OUT.md and OUT.png (mean Dice against GFLOP per slice).",
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--weights", default=None, help="shipped name or weights file")
+    parser.add_argument("--thresholds", default="1.0,0.95,0.9,0.8,0.7,0.6,0.5,0.4,0.3")
+    parser.add_argument("--gates", default="-4,-2,0,2")
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val")
+    parser.add_argument("--seed", type=int, default=0, help="the split's seed (as in train)")
+    parser.add_argument("-o", "--out", type=Path, required=True, help="output path, no suffix")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.set_defaults(run=run_sweep, classes=None)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from napari_apformer.model.checkpoint import load_model
+    from napari_apformer.train import sweep
+    from napari_apformer.train.datasets import SliceSet
+    from napari_apformer.weights import resolve_weights
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        thresholds = [float(v) for v in args.thresholds.split(",")]
+        gates = [float(v) for v in args.gates.split(",")]
+    except ValueError:
+        raise InputError("--thresholds and --gates take numbers separated by commas") from None
+    model = load_model(resolve_weights(args.weights))
+    card = model.card
+    train_set, val_set, _, data_text, _ = load_data(args, card.normalisation, card.n_classes)
+    data = {"val": val_set, "train": train_set, "all": SliceSet.join([train_set, val_set])}[
+        args.split
+    ]
+    if len(data) == 0:
+        raise InputError(f"no {args.split} slices to sweep")
+    rows = sweep.sweep(model, data, thresholds, gates)
+    names = [c.name for c in card.classes]
+    text = sweep.table(rows, names)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sweep.write_csv(rows, names, args.out.with_suffix(".csv"))
+    header = (
+        f"Weights `{card.name}`, {len(data)} {args.split} slices of {data_text}.\n\n"
+        f"Command: `apformer {' '.join(str(a) for a in args.command_line)}`\n\n"
+    )
+    args.out.with_suffix(".md").write_text(header + text + "\n", "utf-8")
+    sweep.plot(rows, args.out.with_suffix(".png"), f"{card.name}: {len(data)} {args.split} slices")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
