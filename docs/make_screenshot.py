@@ -16,8 +16,8 @@ from pathlib import Path
 
 os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "napari.yaml"))
 
-import napari  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
+import napari
+from qtpy.QtWidgets import QApplication
 
 OUT = Path(__file__).parent / "screenshot.png"
 

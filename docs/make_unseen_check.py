@@ -15,16 +15,16 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import matplotlib.pyplot as plt
+import nibabel
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap
 
-from napari_apformer.engine.inference import Segmenter  # noqa: E402
-from napari_apformer.io.nifti import read_nifti  # noqa: E402
-from napari_apformer.model import load_model  # noqa: E402
-from napari_apformer.weights import resolve_weights  # noqa: E402
+from napari_apformer.engine.inference import Segmenter
+from napari_apformer.io.nifti import read_nifti
+from napari_apformer.model import load_model
+from napari_apformer.weights import resolve_weights
 
 DATA = Path(nibabel.__file__).parent / "tests" / "data"
 IMAGES = {
