@@ -39,7 +39,8 @@ def main() -> None:
 
     settle()
     centre = [
-        t + s * (n - 1) / 2 for t, s, n in zip(image.translate, image.scale, image.data.shape)
+        t + s * (n - 1) / 2
+        for t, s, n in zip(image.translate, image.scale, image.data.shape, strict=True)
     ]
     widget.set_query((viewer.dims.point[-3], centre[1] + 20.0, centre[2] - 25.0))
     settle()
