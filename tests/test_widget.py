@@ -217,3 +217,26 @@ def test_reader_in_the_viewer_and_the_segment_menu(viewer, tmp_path):
 
     items = get_app_model().menus.get_menu("napari/layers/segment")
     assert any(PLUGIN in str(getattr(item, "command", item)) for item in items)
+
+
+def test_axis_choice_turns_the_view_and_4d_files_use_the_volume_on_screen(
+    viewer, qtbot, official_weights, tmp_path
+):
+    data = np.random.default_rng(0).integers(0, 100, (24, 20, 16, 3)).astype(np.int16)
+    data[4:20, 4:16, 3:13] += 500
+    data[..., 1] *= 2  # the second volume differs
+    image4d = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(image4d, tmp_path / "series.nii.gz")
+    [image] = viewer.open(tmp_path / "series.nii.gz", plugin=PLUGIN)
+    assert image.data.shape == (3, 16, 20, 24)
+    viewer.dims.set_point(0, 1)  # the second volume
+    widget = open_widget(viewer, qtbot, official_weights)
+    assert widget._last.request.image.leading_index == (1,)
+    seg = output(viewer, image, "segmentation")
+    assert seg.data.shape == (16, 20, 24)
+    widget.axis_choice.value = widget.axis_choice.choices[1]  # coronal
+    wait_idle(qtbot, widget)
+    assert viewer.dims.not_displayed[-1] == viewer.dims.ndim - 2  # y is now the slice axis
+    assert widget._last.request.axis == 1
+    kept = output(viewer, image, "kept tokens")
+    assert kept.data.shape == (1, 16, 1, 24)
