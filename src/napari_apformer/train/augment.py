@@ -17,19 +17,19 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Augmentation:
-    rotation_degrees: float = 30.0
-    scale: tuple[float, float] = (0.8, 1.25)
-    shear: float = 0.1
-    elastic: float = 0.02  # displacement amplitude, in units of the half image size
+    rotation_degrees: float = 20.0
+    scale: tuple[float, float] = (0.85, 1.2)
+    shear: float = 0.05
+    elastic: float = 0.015  # displacement amplitude, in units of the half image size
     flip_probability: float = 0.5  # each of the two axes
-    quarter_turn_probability: float = 0.25
-    remap_probability: float = 0.3  # replace the contrast between classes by random levels
-    gamma: tuple[float, float] = (0.6, 1.6)
-    contrast: tuple[float, float] = (0.8, 1.25)
-    bias_field: float = 0.3  # peak relative change of the multiplicative field
-    blur_probability: float = 0.2
-    low_resolution_probability: float = 0.2
-    noise: float = 0.03
+    quarter_turn_probability: float = 0.15
+    remap_probability: float = 0.15  # replace the contrast between classes by random levels
+    gamma: tuple[float, float] = (0.7, 1.4)
+    contrast: tuple[float, float] = (0.85, 1.2)
+    bias_field: float = 0.2  # peak relative change of the multiplicative field
+    blur_probability: float = 0.15
+    low_resolution_probability: float = 0.15
+    noise: float = 0.02
 
     def __call__(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
