@@ -190,8 +190,9 @@ def run_train(args: argparse.Namespace) -> int:
             "data": data_text,
             "training_slices": len(train_set),
             "validation_slices": len(val_set),
-            "hardware": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, device {args.device}",
+            "hardware": f"{_cpu_name()}, {torch.get_num_threads()} torch threads, "
+            f"device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
             "torch": torch.__version__,
         },
         licence=licence,
@@ -256,6 +257,16 @@ def load_data(args: argparse.Namespace, normalisation, n_classes: int):
     top = max(int(s.masks.max()) if len(s) else 0 for s in (train_set, val_set))
     names = ["background"] + [f"class {k}" for k in range(1, top + 1)]
     return train_set, val_set, names, text, "the data set's own licence (not recorded)"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _colours(names: list[str], data_text: str) -> list[str]:
