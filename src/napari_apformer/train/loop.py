@@ -44,6 +44,7 @@ class TrainConfig:
     device: str = "auto"
     learnable_gates: bool = False
     gate_sparsity: float = 0.05  # weight of the kept-dependency term with learnable gates
+    gate_learning_rate: float = 0.02
     resume: Path | None = None
     init: Path | None = None  # start from these weights (fine-tuning)
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -128,11 +129,16 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
             device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-    )
+    gate_params = [
+        layer.gate for layer in model.trans4.attention_layers if layer.gate.requires_grad
+    ]
+    others = [
+        p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate_params)
+    ]
+    groups = [{"params": others}]
+    if gate_params:  # one scalar per layer: Adam moves it by about lr per step, so it needs more
+        groups.append({"params": gate_params, "lr": config.gate_learning_rate, "weight_decay": 0})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     per_epoch = config.steps_per_epoch or max(1, len(train_set) // (config.batch_size * dist.world))
     total_steps = per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
