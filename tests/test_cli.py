@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SAMPLE
 from napari_apformer.cli import main
+from napari_apformer.weights import DEFAULT_WEIGHTS
 
 
 @pytest.fixture
@@ -33,7 +34,18 @@ def test_predict_nifti_keeps_affine_and_header(tmp_path, sample, capsys):
     assert [c["value"] for c in table["labels"]] == [0, 1, 2, 3]
     assert table["token_threshold"] == 0.8
     captured = capsys.readouterr()
-    assert "placeholder" in captured.err and "kept tokens" in captured.out
+    assert "kept tokens" in captured.out and "warning" not in captured.err
+
+
+def test_placeholder_weights_are_announced(tmp_path, sample, capsys):
+    from napari_apformer.model import APFormer, ModelCard, save_weights
+
+    card = ModelCard.generic("random", 1, 2)
+    card.placeholder = True
+    save_weights(APFormer(1, 2), card, tmp_path / "random.safetensors")
+    args = ["predict", str(sample), "-o", str(tmp_path / "o"), "--weights"]
+    assert main([*args, str(tmp_path / "random.safetensors")]) == 0
+    assert "placeholder" in capsys.readouterr().err
 
 
 def test_existing_output_is_not_overwritten_without_asking(tmp_path, sample, capsys):
@@ -92,7 +104,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
 def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "placeholder-random-init" in out and "devices: " in out
+    assert DEFAULT_WEIGHTS in out and "devices: " in out
 
 
 def test_console_script_runs():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_WEIGHTS = "placeholder-random-init"
+DEFAULT_WEIGHTS = "mni152-tissue"
 
 
 def weights_dir() -> Path:
