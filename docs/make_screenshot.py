@@ -2,9 +2,11 @@
 
     xvfb-run -a python docs/make_screenshot.py
 
-The viewer shows the 2 mm sample volume on an axial slice, the segmentation (filled), the
-pruned tokens (shaded blue) and the attention of the query point (cross) in the last layer,
-mean over heads; the tissue labels that ship with the sample are hidden.
+The viewer shows the 2 mm sample volume on an axial slice, the segmentation (drawn as
+outlines here, so that the maps under it stay visible; the widget fills them), the pruned
+tokens (shaded blue) and the attention of the query point (cross) in the first transformer
+layer, head 1. The T1 is drawn darker than napari's default so that the attention (added on
+top) stays readable; the tissue labels that ship with the sample are hidden.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def main() -> None:
     ]
     widget.set_query((viewer.dims.point[-3], centre[1] + 20.0, centre[2] - 25.0))
     settle()
+    widget.attention_layer.value = 1
+    settle()
+    viewer.layers[f"{image.name} segmentation"].contour = 1
+    image.contrast_limits = (0, 2.5 * float(image.data.max()))
+    viewer.dims.set_point(0, 1)  # head 1 (0 is the mean over heads)
     viewer.layers.selection.active = image
     viewer.reset_view()
     settle()

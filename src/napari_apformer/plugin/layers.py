@@ -235,4 +235,4 @@ def legend_html(table: list[dict]) -> str:
         for c in table
         if c["value"] != 0
     ]
-    return "&nbsp;&nbsp;".join(items)
+    return "<br>".join(items)

@@ -514,8 +514,9 @@ def _class_table(card: ModelCard) -> list[dict]:
 def _readout(outcome: LiveOutcome) -> str:
     s = outcome.stats
     return (
-        f"slice {outcome.request.index}: kept tokens {100 * s.kept_token_fraction:.1f} %, "
+        f"slice {outcome.request.index}<br>"
+        f"kept tokens {100 * s.kept_token_fraction:.1f} %<br>"
         f"kept dependencies {100 * s.kept_dependency_fraction:.1f} %<br>"
-        f"{s.gflops:.1f} GFLOP spent (unpruned, uncached: {s.gflops_unpruned:.1f}), "
+        f"{s.gflops:.1f} GFLOP spent (unpruned: {s.gflops_unpruned:.1f})<br>"
         f"{1000 * s.seconds:.0f} ms on {s.device}"
     )
