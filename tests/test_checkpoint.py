@@ -124,5 +124,10 @@ def test_shipped_default_weights_load_and_are_marked():
     assert path.name == f"{DEFAULT_WEIGHTS}.safetensors" and path.is_file()
     model = load_model(path)
     assert not model.card.placeholder and model.card.metrics["validation_dice"]
-    assert [c.name for c in model.card.classes] == ["background", "CSF", "grey matter", "white matter"]
+    assert [c.name for c in model.card.classes] == [
+        "background",
+        "CSF",
+        "grey matter",
+        "white matter",
+    ]
     assert np.isclose(model.default_token_threshold, model.card.token_threshold)
