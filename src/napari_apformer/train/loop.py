@@ -261,45 +261,16 @@ def recalibrate_batch_norm(
         norm.momentum = momentum
 
 
-@torch.inference_mode()
 def evaluate(
-    model: APFormer, val_set: SliceSet, token_threshold: float, device: torch.device, batch: int = 8
+    model: APFormer, val_set: SliceSet, token_threshold: float, device: torch.device
 ) -> Validation:
-    """Per-class Dice over all validation slices (pixels pooled), pruned and unpruned."""
-    model.eval()
-    n = model.n_classes
-    counts = {tau: torch.zeros(n, 3) for tau in (token_threshold, 1.0)}
-    kept_tokens = kept_dependencies = possible = 0.0
-    for lo in range(0, len(val_set), batch):
-        images = val_set.images[lo : lo + batch].to(device)
-        masks = val_set.masks[lo : lo + batch].to(device)
-        encoded = model.encode(images)
-        for tau in counts:
-            out = model.decode(encoded, tau)
-            labels = out.logits.argmax(dim=1)
-            for c in range(n):
-                predicted, truth = labels == c, masks == c
-                counts[tau][c] += torch.tensor(
-                    [float((predicted & truth).sum()), float(predicted.sum()), float(truth.sum())]
-                )
-            if tau == token_threshold:
-                kept = out.keep.sum(dim=1).float()
-                kept_tokens += float(kept.sum())
-                kept_dependencies += float(out.kept_dependencies.sum())
-                heads = model.trans4.attention_layers[0].heads
-                possible += float((kept * model.depth * heads * out.keep.shape[1]).sum())
-    dice = {tau: [_dice(row) for row in c] for tau, c in counts.items()}
-    return Validation(
-        dice[token_threshold],
-        dice[1.0],
-        kept_tokens / (len(val_set) * 1024),
-        kept_dependencies / possible if possible else 0.0,
-    )
+    """Per-class Dice over all validation slices (pixels pooled), pruned and unpruned, at the
+    model's own gates."""
+    from napari_apformer.train.sweep import sweep
 
-
-def _dice(row: torch.Tensor) -> float:
-    both, predicted, truth = (float(v) for v in row)
-    return 1.0 if predicted + truth == 0 else 2 * both / (predicted + truth)
+    rows = sweep(model, val_set, [token_threshold, 1.0], [None], device=device)
+    pruned, unpruned = rows[0], rows[-1]
+    return Validation(pruned.dice, unpruned.dice, pruned.kept_tokens, pruned.kept_dependencies)
 
 
 def _warmup_cosine(total: int):

@@ -20,7 +20,7 @@ from napari_apformer.train.datasets import SliceSet
 @dataclass
 class SweepRow:
     token_threshold: float
-    gate: float
+    gate: float | None  # None: the model's own gates
     dice: list[float]  # per class, background first
     kept_tokens: float
     kept_dependencies: float
@@ -36,12 +36,13 @@ def sweep(
     model: APFormer,
     data: SliceSet,
     thresholds: list[float],
-    gates: list[float],
+    gates: list[float | None],
     batch: int = 8,
+    device: torch.device | str = "cpu",
 ) -> list[SweepRow]:
     model.eval()
     n = model.n_classes
-    settings = [(tau, gate) for gate in gates for tau in thresholds]
+    settings = list(dict.fromkeys((tau, gate) for gate in gates for tau in thresholds))
     counts = {s: torch.zeros(n, 3, dtype=torch.float64) for s in settings}
     kept = dict.fromkeys(settings, 0.0)
     kept_deps = dict.fromkeys(settings, 0.0)
@@ -49,7 +50,8 @@ def sweep(
     flops = dict.fromkeys(settings, 0.0)
     heads = model.trans4.attention_layers[0].heads
     for lo in range(0, len(data), batch):
-        images, masks = data.images[lo : lo + batch], data.masks[lo : lo + batch]
+        images = data.images[lo : lo + batch].to(device)
+        masks = data.masks[lo : lo + batch].to(device)
         encoded = model.encode(images)
         for setting in settings:
             out = model.decode(encoded, setting[0], setting[1])
