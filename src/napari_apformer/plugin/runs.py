@@ -66,7 +66,9 @@ class Engine:
         self.lock = threading.Lock()
         self._segmenters: dict[tuple[Path, str], Segmenter] = {}
         self._prepared: dict[tuple, PreparedImage] = {}
-        self._last_live: tuple[LiveOutcome, SegmentationResult] | None = None
+        # The last live run, for new query points (kept apart from the lock on purpose: a
+        # click must not wait for a volume batch).
+        self._last_live: tuple[LiveOutcome, SegmentationResult, Segmenter] | None = None
 
     def segmenter(self, settings: Settings) -> Segmenter:
         key = (settings.weights, settings.device)
@@ -125,15 +127,14 @@ class Engine:
             before,
             segmenter.card,
         )
-        self._last_live = (outcome, result)
+        self._last_live = (outcome, result, segmenter)
         return outcome
 
     def attention_at(self, outcome: LiveOutcome, query: tuple[float, float]) -> LiveOutcome:
         """The last live outcome with the attention of another query point (no rerun)."""
         if self._last_live is None or self._last_live[0] is not outcome:
             return outcome
-        result = self._last_live[1]
-        segmenter = self.segmenter(outcome.request.settings)
+        _, result, segmenter = self._last_live
         token = result.letterbox.token_index(*query)
         after, before = segmenter.attention(result, outcome.request.index, token)
         outcome.query, outcome.attention_after, outcome.attention_before = query, after, before
