@@ -353,11 +353,11 @@ class APFormerWidget(Container):
         outputs = self._outputs_for(layer, image)
         had_layers = outputs.get("segmentation") is not None
         outputs.show_slice(image, outcome.maps, table, card.n_classes)
-        self._show_attention()
-        if not had_layers:
-            self.viewer.layers.selection.active = layer  # keep the image selected
         self.legend.value = legend_html(table)
         self.readout.value = _readout(outcome)
+        self._show_attention()  # may add to the read-out
+        if not had_layers:
+            self.viewer.layers.selection.active = layer  # keep the image selected
 
     def _outputs_for(self, layer, image: ImageSource) -> OutputLayers:
         key = id(layer)
@@ -398,8 +398,8 @@ class APFormerWidget(Container):
         )
         world = request.image.world_of_plane(request.axis, request.index, *outcome.query)
         outputs.show_query(request.image, world)
-        if not maps[depth].any():
-            self.readout.value = _readout(outcome) + "<br>The query token is pruned: no attention."
+        pruned_query = "<br>The query token is pruned: no attention."
+        self.readout.value = _readout(outcome) + ("" if maps[depth].any() else pruned_query)
 
     # ----------------------------------------------------------------------- volume runs
     def start_volume(self) -> None:
