@@ -110,6 +110,10 @@ def test_query_point_click_updates_attention_without_a_rerun(
     assert output(viewer, image, "query point").data[0] == pytest.approx(world, abs=1.0)
     widget.attention_before.value = True  # re-rendered from the same rows
     assert not runs
+    corner = (image.translate[0], image.translate[1] + 1.0, image.translate[2] + 1.0)
+    widget.set_query(corner)  # background: its token is pruned
+    assert "pruned" in widget.readout.value and not attention.data.any()
+    assert not runs
 
 
 def test_stale_results_never_overwrite_newer_ones(viewer, qtbot, official_weights):
