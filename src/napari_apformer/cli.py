@@ -233,7 +233,7 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
 def class_table(segmenter, result) -> dict:
     card = segmenter.card
     return {
-        "labels": [{"value": c.value, "name": c.name, "colour": c.colour} for c in card.classes],
+        "labels": card.class_table(),
         "weights": card.name,
         "weights_sha256": card.sha256,
         "token_threshold": result.token_threshold,

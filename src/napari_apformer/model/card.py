@@ -74,6 +74,10 @@ class ModelCard:
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
 
+    def class_table(self) -> list[dict]:
+        """Value, name and colour of each class, as label sidecars and napari layers carry them."""
+        return [asdict(c) for c in self.classes]
+
     @staticmethod
     def generic(name: str, in_channels: int, n_classes: int) -> ModelCard:
         """A card for weights that came without one (the authors' checkpoints)."""

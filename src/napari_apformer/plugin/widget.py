@@ -249,7 +249,7 @@ class APFormerWidget(Container):
             self.gate.value = float(np.mean(card.gates)) if card.gates else -2.0
             for slider, value in zip(self.layer_gates, card.gates, strict=False):
                 slider.value = value
-            self.legend.value = legend_html(_class_table(card))
+            self.legend.value = legend_html(card.class_table())
             if card.placeholder:
                 show_warning(
                     f"weights '{card.name}' are a random placeholder, not trained: "
@@ -349,7 +349,7 @@ class APFormerWidget(Container):
         image = outcome.request.image
         self._last = outcome
         card = outcome.card
-        table = _class_table(card)
+        table = card.class_table()
         outputs = self._outputs_for(layer, image)
         had_layers = outputs.get("segmentation") is not None
         outputs.show_slice(image, outcome.maps, table, card.n_classes)
@@ -447,7 +447,7 @@ class APFormerWidget(Container):
             self.cancel_volume()
             return
         outputs = self._outputs_for(layer, image)
-        seg = outputs.segmentation(image, _class_table(card), card.n_classes)
+        seg = outputs.segmentation(image, card.class_table(), card.n_classes)
         finished = job.result.slices[self._volume_done : done.done]
         index = [slice(None)] * 3
         for s in finished:
@@ -505,10 +505,6 @@ class APFormerWidget(Container):
         if self._on_mouse in self.viewer.mouse_drag_callbacks:
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
         self.viewer.dims.events.current_step.disconnect(self._on_dims_changed)
-
-
-def _class_table(card: ModelCard) -> list[dict]:
-    return [{"value": c.value, "name": c.name, "colour": c.colour} for c in card.classes]
 
 
 def _readout(outcome: LiveOutcome) -> str:

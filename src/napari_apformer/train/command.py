@@ -168,19 +168,19 @@ def run_train(args: argparse.Namespace) -> int:
     normalisation = Normalisation()
     started = time.perf_counter()
     declared = [n.strip() for n in args.classes.split(",")] if args.classes else None
-    train_set, val_set, default_names, data_text, licence = load_data(
+    train_set, val_set, default_classes, data_text, licence = load_data(
         args, normalisation, len(declared) if declared else 256
     )
-    names = declared or default_names
+    names = declared or [c["name"] for c in default_classes]
     top = int(max(train_set.masks.max(), val_set.masks.max())) if len(train_set) else 0
     if len(names) <= top:
         raise InputError(f"the masks hold label {top} but only {len(names)} class names were given")
-    colours = _colours(names, data_text)
+    colours = {c["value"]: c["colour"] for c in default_classes}
     card = ModelCard(
         name=args.out.name,
         in_channels=int(train_set.images.shape[1]) if len(train_set) else 1,
         classes=[
-            ClassInfo(k, n, colours[k] if k < len(colours) else DEFAULT_COLOURS[k % 16])
+            ClassInfo(k, n, colours.get(k, DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)]))
             for k, n in enumerate(names)
         ],
         normalisation=normalisation,
@@ -229,14 +229,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def load_data(args: argparse.Namespace, normalisation, n_classes: int):
-    """(train, validation, class names, data description, licence)."""
+    """(train, validation, default class table, data description, licence)."""
     from napari_apformer.train import datasets, mni152
 
     if args.mni152 is not None:
         source = None if args.mni152 == "installed" else Path(args.mni152)
         train_set, val_set = mni152.dataset(source, normalisation)
-        names = [c["name"] for c in mni152.CLASSES]
-        return train_set, val_set, names, mni152.DATA_TEXT, mni152.LICENCE_TEXT
+        return train_set, val_set, mni152.CLASSES, mni152.DATA_TEXT, mni152.LICENCE_TEXT
     axes = [int(a) for a in args.axes.split(",")]
     options = {"in_channels": 1, "normalisation": normalisation, "n_classes": n_classes}
     if args.release is not None:
@@ -255,8 +254,10 @@ def load_data(args: argparse.Namespace, normalisation, n_classes: int):
         val_set = datasets.load_pairs(val_pairs, **load)
         text = f"{len(pairs)} image/mask pairs in {root.name}"
     top = max(int(s.masks.max()) if len(s) else 0 for s in (train_set, val_set))
-    names = ["background"] + [f"class {k}" for k in range(1, top + 1)]
-    return train_set, val_set, names, text, "the data set's own licence (not recorded)"
+    from napari_apformer.model.card import ModelCard
+
+    classes = ModelCard.generic("", 1, top + 1).class_table()
+    return train_set, val_set, classes, text, "the data set's own licence (not recorded)"
 
 
 def _cpu_name() -> str:
@@ -267,15 +268,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _colours(names: list[str], data_text: str) -> list[str]:
-    from napari_apformer.model.card import DEFAULT_COLOURS
-    from napari_apformer.train import mni152
-
-    if data_text == mni152.DATA_TEXT:
-        return [c["colour"] for c in mni152.CLASSES]
-    return [DEFAULT_COLOURS[k % len(DEFAULT_COLOURS)] for k in range(len(names))]
 
 
 def _record_wall_time(out: Path, seconds: float, summary) -> None:
