@@ -36,3 +36,37 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("MPS was asked for but is not available on this machine")
     return device
+
+
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype to autocast to, or None for plain float32.
+
+    auto: float16 on CUDA (labels change on fewer than 0.1 % of voxels, see
+    docs/performance.md), float32 elsewhere.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return None if precision == "float32" else getattr(torch, precision)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+DEVICE_FAILURE_MARKERS = ("cuda error", "cudnn", "cublas", "device-side assert", "mps backend")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """A driver or accelerator error (a GPU lost mid-run), not a bug in the inputs."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(m in text for m in DEVICE_FAILURE_MARKERS)

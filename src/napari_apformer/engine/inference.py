@@ -15,17 +15,24 @@ runs (the command line, whole volumes) leave the cache alone.
 
 from __future__ import annotations
 
-import hashlib
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 
 import numpy as np
 import torch
 
 from napari_apformer.engine.cache import ByteLRU
-from napari_apformer.engine.device import resolve_device
+from napari_apformer.engine.device import (
+    autocast_dtype,
+    is_device_failure,
+    is_out_of_memory,
+    resolve_device,
+)
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
+from napari_apformer.engine.staging import HostStaging
 from napari_apformer.engine.stats import (
     RunStats,
     decoder_flops,
@@ -75,6 +82,9 @@ class SegmentationResult:
     # Per slice in `attention_slices`: each transformer layer's normed input (N, C), from
     # which Segmenter.attention gives the attention of any query point without a rerun.
     layer_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # What the user should hear about: a smaller batch or a move to the CPU after the
+    # device ran out of memory or failed.
+    notices: list[str] = field(default_factory=list)
 
 
 class SegmentationJob:
@@ -112,10 +122,16 @@ class Segmenter:
         device: str | torch.device = "auto",
         batch_size: int = 8,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        precision: str = "auto",
     ) -> None:
+        """precision: auto (float16 autocast on CUDA, float32 elsewhere), float32, float16
+        or bfloat16."""
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.device = resolve_device(device)
+        self.precision = precision
+        self.autocast = autocast_dtype(self.device, precision)
+        self.staging = HostStaging(self.device)
         self.model = model.to(self.device).eval()
         self.card = model.card or ModelCard.generic("unnamed", model.in_channels, model.n_classes)
         self.batch_size = batch_size
@@ -199,20 +215,84 @@ class Segmenter:
     def _steps(
         self, image: PreparedImage, result: SegmentationResult, watched: set[int], cache: bool
     ) -> Iterator[Progress]:
+        """Batches in order. On CUDA the next batch is launched before the previous one is
+        collected, so the GPU is never idle while the CPU prepares inputs or writes labels.
+
+        Out of memory: the batches in flight go back to the queue at half the batch size, and
+        at batch 1 the run moves to the CPU; a failing GPU also moves it to the CPU. Slices
+        already collected stay in `result` either way.
+        """
         started = time.perf_counter()
-        chosen = result.slices
-        batches = [chosen[k : k + self.batch_size] for k in range(0, len(chosen), self.batch_size)]
         position = {index: k for k, index in enumerate(result.slices)}
+        queue = deque(_chunks(result.slices, self.batch_size))
+        in_flight: deque[_Launched] = deque()
         done = 0
-        for batch in batches:
-            with torch.inference_mode():
-                self._run_batch(image, batch, watched, cache, result, position)
-            done += len(batch)
-            result.stats.seconds = time.perf_counter() - started
-            yield Progress(done, len(result.slices))
+        while queue or in_flight:
+            try:
+                if queue:
+                    with torch.inference_mode():
+                        in_flight.append(self._launch(image, queue[0], result, watched, cache))
+                    queue.popleft()
+                while in_flight and (len(in_flight) > 1 or not self.overlap or not queue):
+                    finished = in_flight[0]
+                    self._collect(finished, image, result, position)
+                    in_flight.popleft()
+                    done += len(finished.batch)
+                    result.stats.seconds = time.perf_counter() - started
+                    yield Progress(done, len(result.slices))
+            except Exception as error:
+                if not (is_out_of_memory(error) or is_device_failure(error)):
+                    raise
+                lost = [slice_ for launched in in_flight for slice_ in launched.batch]
+                pending = lost + [slice_ for batch in queue for slice_ in batch]
+                in_flight.clear()
+                self._recover(error, result, done)
+                queue = deque(_chunks(pending, self.batch_size))
+
+    def _recover(self, error: Exception, result: SegmentationResult, done: int) -> None:
+        """Halve the batch after running out of memory; at batch 1, or when the device
+        fails, move to the CPU. Raises InputError when even that is not possible."""
+        kept = f"{done} of {len(result.slices)} slices were done and are kept"
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if is_out_of_memory(error) and self.batch_size > 1:
+            self.batch_size = max(1, self.batch_size // 2)
+            result.notices.append(
+                f"{self.device} ran out of memory; continuing with batch size {self.batch_size}"
+            )
+            return
+        if self.device.type == "cpu":
+            if is_out_of_memory(error):
+                raise InputError(
+                    f"not enough memory for even one slice on the CPU ({kept})", None
+                ) from error
+            raise error
+        reason = "ran out of memory at batch size 1" if is_out_of_memory(error) else "failed"
+        result.notices.append(
+            f"{self.device} {reason} ({_first_line(error)}); continuing on the CPU; {kept}"
+        )
+        self.move_to(torch.device("cpu"))
+        result.stats.device = f"cpu (after {result.stats.device})"
+
+    def move_to(self, device: torch.device) -> None:
+        """Run on `device` from now on (the encoder cache is dropped: it lives on the old one)."""
+        self.device = device
+        self.model = self.model.to(device)
+        self.autocast = autocast_dtype(device, self.precision)
+        self.staging = HostStaging(device)
+        self.encoder_cache = ByteLRU(self.encoder_cache.max_bytes)
+
+    @property
+    def overlap(self) -> bool:
+        """Launch batch k + 1 before collecting batch k (pays off where the device is async)."""
+        return self.device.type == "cuda"
 
     def _encode(
-        self, inputs: torch.Tensor, fill_cache: bool, first_gate: float | None
+        self,
+        inputs: torch.Tensor,
+        keys: list[tuple],
+        fill_cache: bool,
+        first_gate: float | None,
     ) -> tuple[EncodedSlices, list[bool], int]:
         """Encoder features for a batch, from the cache where present; which slices were hits;
         FLOPs spent on caching layer 1.
@@ -220,19 +300,11 @@ class Segmenter:
         When filling the cache, each slice also keeps layer 1's output for every token at
         `first_gate`, so that later threshold changes skip layer 1 too.
         """
-        keys = [
-            (
-                self._weights_key,
-                str(self.device),
-                hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest(),
-            )
-            for x in inputs
-        ]
         found = [self.encoder_cache.get(key) for key in keys]
         hits = [item is not None for item in found]
         missing = [k for k, item in enumerate(found) if item is None]
         if missing:
-            fresh = self.model.encode(inputs[missing].to(self.device))
+            fresh = self.model.encode(inputs if len(missing) == len(found) else inputs[missing])
             if not fill_cache and len(missing) == len(found):
                 return fresh, hits, 0
             for j, k in enumerate(missing):
@@ -247,69 +319,108 @@ class Segmenter:
                 self.encoder_cache.put(key, item, item.nbytes())
         return EncodedSlices.cat(found), hits, first_layer_spent  # type: ignore[arg-type]
 
-    def _run_batch(
+    def _launch(
         self,
         image: PreparedImage,
         batch: list[int],
+        result: SegmentationResult,
         watched: set[int],
         fill_cache: bool,
+    ) -> _Launched:
+        """Queue a batch's work on the device; its outputs come back to the host
+        asynchronously (complete once `ready` has been reached)."""
+        box = image.letterbox
+        host, slot = self.staging.buffer((len(batch), image.in_channels, box.height, box.width))
+        for j, index in enumerate(batch):
+            host[j] = torch.from_numpy(image.slice_input(index))
+        # keyed by the slice itself, before it goes to the device
+        place = (self._weights_key, str(self.device), box)
+        keys = [(*place, blake2b(row.numpy(), digest_size=16).digest()) for row in host]
+        pixels = self.staging.send(host, slot)
+        inputs = box.to_model(pixels)
+        with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
+            encoded, hits, first_layer_spent = self._encode(
+                inputs, keys, fill_cache, result.gates[0]
+            )
+            keep_inputs = any(i in watched for i in batch)
+            out = self.model.decode(
+                encoded, result.token_threshold, result.gates, keep_inputs=keep_inputs
+            )
+        logits = box.to_image(out.logits.float())
+        per_layer = torch.stack([t.kept_dependency_fraction for t in out.layers])  # (L, B, H, N)
+
+        def to_host(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to("cpu", non_blocking=self.staging.pinned)
+
+        launched = _Launched(
+            batch=batch,
+            hits=hits,
+            first_layer_spent=first_layer_spent,
+            first_layer_reused=out.first_layer_reused,
+            labels=to_host(logits.argmax(dim=1).to(torch.uint8)),
+            probabilities=(
+                to_host(torch.softmax(logits, dim=1)) if result.probabilities is not None else None
+            ),
+            keep=to_host(out.keep),
+            background=to_host(torch.softmax(out.token_logits.float(), dim=1)[:, BACKGROUND]),
+            dependency_map=to_host(per_layer.float().mean(dim=(0, 2))),
+            kept_dependencies=to_host(out.kept_dependencies),
+            depth=per_layer.shape[0],
+            heads=per_layer.shape[2],
+            layer_inputs={
+                index: [to_host(t.layer_input[j].float()) for t in out.layers]
+                for j, index in enumerate(batch)
+                if index in watched
+            },
+        )
+        if self.staging.pinned:  # copies to the host are asynchronous: mark their end
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        return launched
+
+    def _collect(
+        self,
+        launched: _Launched,
+        image: PreparedImage,
         result: SegmentationResult,
         position: dict[int, int],
     ) -> None:
-        box = image.letterbox
-        pixels = torch.from_numpy(np.stack([image.slice_input(i) for i in batch]))
-        encoded, hits, first_layer_spent = self._encode(
-            box.to_model(pixels), fill_cache, result.gates[0]
-        )
-        keep_inputs = any(i in watched for i in batch)
-        out = self.model.decode(
-            encoded, result.token_threshold, result.gates, keep_inputs=keep_inputs
-        )
-        logits = box.to_image(out.logits).float()
-        slice_labels = logits.permute(0, 2, 3, 1).argmax(dim=-1).to(torch.uint8).cpu().numpy()
-        probs = (
-            torch.softmax(logits, dim=1).cpu().numpy() if result.probabilities is not None else None
-        )
-        keep = out.keep.cpu()
-        background = torch.softmax(out.token_logits.float(), dim=1)[:, BACKGROUND].cpu()
-        per_layer = torch.stack([t.kept_dependency_fraction for t in out.layers])  # (L, B, H, N)
-        dependency_map = per_layer.mean(dim=(0, 2)).cpu()
-        kept_dependencies = out.kept_dependencies.cpu()
-        depth, heads = per_layer.shape[0], per_layer.shape[2]
-
+        """Wait for a launched batch and write its outputs into `result`."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
         labels = (
             np.moveaxis(result.labels, image.axis, 0) if image.is_volume else result.labels[None]
         )
         probs_out = None
-        if probs is not None:
+        if launched.probabilities is not None:
             probs_out = (
                 np.moveaxis(result.probabilities, image.axis + 1, 1)
                 if image.is_volume
                 else result.probabilities[:, None]
             )
         stats = result.stats
-        stats.flops += first_layer_spent
-        for j, index in enumerate(batch):
+        stats.flops += launched.first_layer_spent
+        depth, heads = launched.depth, launched.heads
+        for j, index in enumerate(launched.batch):
             k = position[index]
-            labels[index if image.is_volume else 0] = slice_labels[j]
+            labels[index if image.is_volume else 0] = launched.labels[j].numpy()
             if probs_out is not None:
-                probs_out[:, index if image.is_volume else 0] = probs[j]
-            result.keep[k] = keep[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
-            result.background_probability[k] = background[j].numpy()
+                probs_out[:, index if image.is_volume else 0] = launched.probabilities[j].numpy()
+            result.keep[k] = launched.keep[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+            result.background_probability[k] = launched.background[j].numpy()
             result.kept_dependency_fraction[k] = (
-                dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
+                launched.dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
             )
-            kept = int(keep[j].sum())
+            kept = int(launched.keep[j].sum())
             stats.slices += 1
             stats.kept_tokens += kept
-            stats.kept_dependencies += int(kept_dependencies[j])
+            stats.kept_dependencies += int(launched.kept_dependencies[j])
             stats.possible_dependencies += depth * heads * kept * TOKENS
-            stats.flops += decoder_flops(self.model, kept, out.first_layer_reused)
-            stats.flops += 0 if hits[j] else self._encoder_flops
+            stats.flops += decoder_flops(self.model, kept, launched.first_layer_reused)
+            stats.flops += 0 if launched.hits[j] else self._encoder_flops
             stats.flops_unpruned += self._unpruned_flops
-            stats.encoder_cache_hits += int(hits[j])
-            if index in watched:
-                result.layer_inputs[index] = [t.layer_input[j].cpu() for t in out.layers]
+            stats.encoder_cache_hits += int(launched.hits[j])
+        result.layer_inputs.update(launched.layer_inputs)
 
     def attention(
         self, result: SegmentationResult, slice_index: int, token: int
@@ -331,3 +442,32 @@ class Segmenter:
         after = torch.stack([r.attention[0, :, 0] for r in records]).float().cpu().numpy()
         before = torch.stack([r.attention_before[0, :, 0] for r in records]).float().cpu()
         return after.reshape(grid), before.numpy().reshape(grid)
+
+
+@dataclass
+class _Launched:
+    """A batch whose work is queued on the device; its tensors here are on the host."""
+
+    batch: list[int]
+    hits: list[bool]
+    first_layer_spent: int
+    first_layer_reused: bool
+    labels: torch.Tensor  # (B, H, W) uint8
+    probabilities: torch.Tensor | None  # (B, K, H, W)
+    keep: torch.Tensor  # (B, N) bool
+    background: torch.Tensor  # (B, 32, 32)
+    dependency_map: torch.Tensor  # (B, N)
+    kept_dependencies: torch.Tensor  # (B,)
+    depth: int
+    heads: int
+    layer_inputs: dict[int, list[torch.Tensor]]
+    ready: torch.cuda.Event | None = None
+
+
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[k : k + size]) for k in range(0, len(items), size)]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

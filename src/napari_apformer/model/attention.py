@@ -256,6 +256,7 @@ class PruningAttention(nn.Module):
                 if batch == 1
                 else bias[:, query_index].transpose(0, 1).reshape(batch * heads, n, tokens)
             )
+            rows = rows.to(q.dtype)  # under autocast; out= is not autocast
             out = None if torch.is_grad_enabled() else rows  # out= has no autograd
             scores = torch.baddbmm(rows, q, keys, alpha=self.scale, out=out)
         return scores.view(batch, heads, n, tokens)

@@ -30,12 +30,17 @@ class Augmentation:
     blur_probability: float = 0.15
     low_resolution_probability: float = 0.15
     noise: float = 0.02
+    clean_probability: float = 0.25  # samples left as they are, so the plain data stays learnt
 
     def __call__(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks = self.geometry(images, masks, generator)
-        return self.intensity(images, masks, generator), masks
+        clean = _uniform(generator, images.shape[0], 0, 1) < self.clean_probability
+        warped, warped_masks = self.geometry(images, masks, generator)
+        augmented = self.intensity(warped, warped_masks, generator)
+        images = torch.where(clean[:, None, None, None], images, augmented)
+        masks = torch.where(clean[:, None, None], masks, warped_masks)
+        return images, masks
 
     def geometry(
         self, images: torch.Tensor, masks: torch.Tensor, g: torch.Generator
