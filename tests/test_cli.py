@@ -48,12 +48,12 @@ def test_placeholder_weights_are_announced(tmp_path, sample, capsys):
     assert "placeholder" in capsys.readouterr().err
 
 
-def test_existing_output_is_not_overwritten_without_asking(tmp_path, sample, capsys):
+def test_existing_output_is_skipped_not_overwritten(tmp_path, sample, capsys):
     target = tmp_path / "mine.nii.gz"
     target.write_bytes(b"precious")
-    assert main(["predict", str(sample), "-o", str(target)]) == 1
+    assert main(["predict", str(sample), "-o", str(target)]) == 0
     assert target.read_bytes() == b"precious"
-    assert "--overwrite" in capsys.readouterr().err
+    assert "exists, skipped (--overwrite replaces it)" in capsys.readouterr().err
     assert main(["predict", str(sample), "-o", str(target), "--overwrite", "--axis", "2"]) == 0
     assert nib.load(target).shape == nib.load(sample).shape
 
@@ -72,6 +72,7 @@ def test_folder_with_a_bad_file_reports_it_and_does_the_rest(tmp_path, sample, c
     assert sorted(p.name for p in out.iterdir()) == [
         "a_seg.json",
         "a_seg.nii.gz",
+        "apformer-stats.csv",
         "c_seg.json",
         "c_seg.png",
     ]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from napari_apformer import __version__
+from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, stem_of
 from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
@@ -86,7 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
         "in RAS order), or an array axis 0, 1 or 2 (default axial; axis 0 "
         "for TIFF stacks)",
     )
-    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (default: skip them, so a rerun resumes)",
+    )
+    predict.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="I/N",
+        help="take every N-th input file from the I-th (0-based), for parallel processes "
+        "or cluster array jobs, e.g. --shard $SLURM_ARRAY_TASK_ID/16",
+    )
+    predict.add_argument(
+        "--stats",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="per-file statistics (default for folders and several inputs: "
+        "OUTPUT/apformer-stats.csv, one per shard)",
+    )
+    predict.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    predict.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: float16 autocast on CUDA, float32 elsewhere",
+    )
     predict.set_defaults(run=run_predict)
 
     add_train_parser(commands)
@@ -117,6 +145,12 @@ def parse_gate(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    from napari_apformer.cohort import parse_shard as parse
+
+    return parse(text)
+
+
 def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
     """Model and engine (imports torch, so only when a command needs them)."""
     from napari_apformer.engine.inference import Segmenter
@@ -124,7 +158,10 @@ def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
     from napari_apformer.weights import resolve_weights
 
     path = resolve_weights(args.weights)
-    segmenter = Segmenter(load_model(path), device=args.device, batch_size=batch_size)
+    precision = getattr(args, "precision", "auto")
+    segmenter = Segmenter(
+        load_model(path), device=args.device, batch_size=batch_size, precision=precision
+    )
     card = segmenter.card
     if card.placeholder:
         print(
@@ -170,42 +207,89 @@ def output_path_for(source: Path, output: Path, single: bool) -> Path:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    files = collect_inputs(args.inputs)
-    outputs = [output_path_for(f, args.output, len(files) == 1) for f in files]
+    from napari_apformer import cohort
+
+    files = cohort.take_shard(collect_inputs(args.inputs), args.shard)
+    single = len(files) == 1 and args.shard is None
+    outputs = [output_path_for(f, args.output, single) for f in files]
     if len(set(outputs)) < len(outputs):
         raise InputError("two inputs would write the same output name; give them separate runs")
+    many = args.shard is not None or len(args.inputs) > 1 or args.inputs[0].is_dir()
+    table_path = args.stats or (
+        cohort.default_table_path(args.output, args.shard) if many else None
+    )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     segmenter = load_segmenter(args, args.batch_size)
     segmenter.check_settings(args.token_threshold, args.gate)  # once, not once per file
-    failed = 0
-    for source, target in zip(files, outputs, strict=True):
-        try:
-            predict_file(segmenter, source, target, args)
-        except InputError as error:
-            failed += 1
-            print(f"apformer: error: {error}", file=sys.stderr)
-        except MemoryError:
-            failed += 1
-            print(
-                f"apformer: error: {source}: not enough memory; try --batch-size 1", file=sys.stderr
-            )
-        except OSError as error:  # writing failed; write_atomically left nothing behind
-            failed += 1
-            print(
-                f"apformer: error: {target}: cannot write ({error.strerror or error})",
-                file=sys.stderr,
-            )
-    if failed and len(files) > 1:
-        print(f"apformer: {failed} of {len(files)} files failed", file=sys.stderr)
-    return 1 if failed else 0
+    table = cohort.StatisticsTable(segmenter.card.class_names)
+    internal = False
+    try:
+        for source, target in zip(files, outputs, strict=True):
+            if target.exists() and not args.overwrite:
+                print(f"{target}: exists, skipped (--overwrite replaces it)", file=sys.stderr)
+                table.add(
+                    source, target, cohort.SKIPPED, "exists", cohort.stored_statistics(target)
+                )
+                continue
+            try:
+                statistics = predict_file(segmenter, source, target, args)
+            except KeyboardInterrupt:
+                table.add(source, target, cohort.FAILED, "interrupted")
+                raise
+            except Exception as error:  # one file's trouble never stops the others
+                message, internal_error = failure_message(error, source, target)
+                if internal_error and args.debug:
+                    raise
+                internal |= internal_error
+                print(f"apformer: error: {message}", file=sys.stderr)
+                table.add(source, target, cohort.FAILED, message)
+            else:
+                table.add(source, target, cohort.DONE, "", statistics)
+    finally:
+        if table_path is not None:
+            try:
+                table.write(table_path)
+            except OSError as error:
+                print(f"apformer: error: {table_path}: cannot write ({error})", file=sys.stderr)
+    failed = table.count(cohort.FAILED)
+    if len(files) > 1 or table_path is not None:
+        print(
+            f"apformer: {table.count(cohort.DONE)} done, {table.count(cohort.SKIPPED)} skipped "
+            f"(existed), {failed} failed of {len(files)} files"
+            + (f"; statistics in {table_path}" if table_path else ""),
+            file=sys.stderr,
+        )
+        for row in table.rows:
+            if row["status"] == cohort.FAILED:
+                print(f"  failed: {row['message']}", file=sys.stderr)
+    return 2 if internal else 1 if failed else 0
 
 
-def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace) -> None:
+def failure_message(error: Exception, source: Path, target: Path) -> tuple[str, bool]:
+    """A one-line message for a file that failed, and whether it was an internal error."""
+    if isinstance(error, InputError):
+        return str(error), False
+    if isinstance(error, MemoryError):
+        return f"{source}: not enough memory; try --batch-size 1", False
+    if isinstance(error, OSError):  # writing failed; write_atomically left nothing behind
+        return f"{target}: cannot write ({error.strerror or error})", False
+    return (
+        f"{source}: internal error ({type(error).__name__}: {error}); rerun with --debug "
+        "for the traceback and please report it",
+        True,
+    )
+
+
+def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace) -> dict:
+    """Segment one file and write its labels and sidecar; returns its statistics."""
     from tqdm import tqdm
 
+    from napari_apformer.cohort import statistics_of, voxel_volume_mm3
     from napari_apformer.io.formats import read_image_file, write_class_table, write_labels
 
-    if target.exists() and not args.overwrite:
-        raise InputError("output exists; use --overwrite to replace it", target)
     if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
         raise InputError(
             "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
@@ -225,9 +309,15 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
         for progress in job:
             bar.update(progress.done - bar.n)
     result = job.result
+    for notice in result.notices:
+        print(f"apformer: warning: {source}: {notice}", file=sys.stderr)
+    voxel = voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
+    statistics = statistics_of(result, segmenter.card.class_names, voxel)
+    # The sidecar first: an output whose label file exists is complete, so a rerun skips it.
+    write_class_table(target, {**class_table(segmenter, result), "statistics": statistics})
     write_labels(target, result.labels, image_file)
-    write_class_table(target, class_table(segmenter, result))
     print(f"{target}: {result.stats.summary()}")
+    return statistics
 
 
 def class_table(segmenter, result) -> dict:

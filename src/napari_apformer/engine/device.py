@@ -38,22 +38,6 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-PRECISIONS = ("auto", "float32", "float16", "bfloat16")
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The dtype to autocast to, or None for plain float32.
-
-    auto: float16 on CUDA (labels change on fewer than 0.1 % of voxels, see
-    docs/performance.md), float32 elsewhere.
-    """
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return None if precision == "float32" else getattr(torch, precision)
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

@@ -25,12 +25,8 @@ import numpy as np
 import torch
 
 from napari_apformer.engine.cache import ByteLRU
-from napari_apformer.engine.device import (
-    autocast_dtype,
-    is_device_failure,
-    is_out_of_memory,
-    resolve_device,
-)
+from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
+from napari_apformer.engine.precision import autocast_dtype
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
 from napari_apformer.engine.staging import HostStaging
 from napari_apformer.engine.stats import (

@@ -26,6 +26,8 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     except FileNotFoundError:
         raise InputError("file not found", path) from None
     except Exception as error:  # nibabel raises many types for a bad header
+        if path.is_file() and path.stat().st_size == 0:
+            raise InputError("empty file (0 bytes)", path) from None
         raise InputError(f"not a readable NIfTI file ({_first_line(error)})", path) from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image ({type(image).__name__})", path)

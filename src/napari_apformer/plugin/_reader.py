@@ -88,7 +88,9 @@ def is_label_image(source: Path, data: np.ndarray) -> bool:
     sample = data[(slice(None, None, step),) * data.ndim]
     if len(np.unique(sample)) > MAX_LABEL_VALUES:
         return False
-    return len(np.unique(data)) <= MAX_LABEL_VALUES and int(data.min()) >= 0
+    values = np.unique(data)
+    # A constant image (all zeros, say) holds no labels: it opens as an image.
+    return 1 < len(values) <= MAX_LABEL_VALUES and int(values[0]) >= 0
 
 
 def _whole_numbers(data: np.ndarray) -> bool:

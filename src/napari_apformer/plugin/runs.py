@@ -57,6 +57,7 @@ class LiveOutcome:
     attention_after: np.ndarray  # (layers, heads, 32, 32)
     attention_before: np.ndarray
     card: ModelCard
+    notices: list[str]  # the device ran out of memory or failed (see Segmenter._recover)
 
 
 class Engine:
@@ -126,6 +127,7 @@ class Engine:
             after,
             before,
             segmenter.card,
+            result.notices,
         )
         self._last_live = (outcome, result, segmenter)
         return outcome

@@ -55,6 +55,7 @@ class APFormerWidget(Container):
         self._live_pending = False
         self._volume_worker = None
         self._volume_progress = None
+        self._volume_notices = 0  # notices of the running volume job already shown
         self._outputs: dict[int, OutputLayers] = {}
         self._last: LiveOutcome | None = None
         self._query_world: tuple[float, ...] | None = None
@@ -348,6 +349,8 @@ class APFormerWidget(Container):
             return
         image = outcome.request.image
         self._last = outcome
+        for notice in outcome.notices:
+            show_warning(f"APFormer: {notice}")
         card = outcome.card
         table = card.class_table()
         outputs = self._outputs_for(layer, image)
@@ -442,7 +445,11 @@ class APFormerWidget(Container):
         layer, image, axis = self._volume_context
         if done is None:
             self._volume_progress = progress(total=job.total, desc="APFormer volume")
+            self._volume_notices = 0
             return
+        for notice in job.result.notices[self._volume_notices :]:
+            show_warning(f"APFormer: {notice}")
+        self._volume_notices = len(job.result.notices)
         if layer not in self.viewer.layers:
             self.cancel_volume()
             return

@@ -1,0 +1,113 @@
+"""Cohort runs: shards, resuming, a bad file among good ones, the statistics CSV."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import SAMPLE
+from napari_apformer.cli import main
+from napari_apformer.cohort import parse_shard, take_shard
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """Five small volumes (the sample slice, stacked and cropped) and one corrupt file."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    source = nib.load(SAMPLE)
+    data = np.asarray(source.dataobj)
+    for k in range(5):
+        volume = np.repeat(data[20 + 4 * k : 150 + 4 * k, 30:190], 2, axis=2)
+        nib.save(nib.Nifti1Image(volume, source.affine, source.header), folder / f"s{k}.nii.gz")
+    (folder / "s5.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    return folder
+
+
+def read_rows(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cohort_run_writes_statistics_and_reports_the_bad_file(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["predict", str(cohort), "-o", str(out)]) == 1
+    rows = read_rows(out / "apformer-stats.csv")
+    assert [r["status"] for r in rows] == ["done"] * 5 + ["failed"]
+    assert "s5.nii.gz" in rows[5]["message"] and "not a readable NIfTI" in rows[5]["message"]
+    err = capsys.readouterr().err
+    assert "5 done, 0 skipped (existed), 1 failed of 6 files" in err
+    assert "failed: " in err and "s5.nii.gz" in err
+    first = rows[0]
+    labels = np.asarray(nib.load(out / "s0_seg.nii.gz").dataobj)
+    zooms = nib.load(cohort / "s0.nii.gz").header.get_zooms()
+    for value, name in enumerate(["background", "CSF", "grey matter", "white matter"]):
+        voxels = int(np.count_nonzero(labels == value))
+        assert int(first[f"{name} (voxels)"]) == voxels
+        assert float(first[f"{name} (ml)"]) == pytest.approx(voxels * np.prod(zooms) / 1000, 1e-3)
+    assert int(first["slices"]) == 2 and 0 < float(first["kept_tokens_percent"]) < 100
+    assert float(first["gflops"]) < float(first["gflops_unpruned"])
+
+
+def test_a_rerun_skips_finished_outputs_and_keeps_their_statistics(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    (cohort / "s5.nii.gz").unlink()
+    main(["predict", str(cohort), "-o", str(out)])
+    first = read_rows(out / "apformer-stats.csv")
+    (out / "s2_seg.nii.gz").unlink()  # as if the first run had been killed before s2
+    written = (out / "s0_seg.nii.gz").stat().st_mtime_ns
+    assert main(["predict", str(cohort), "-o", str(out)]) == 0
+    second = read_rows(out / "apformer-stats.csv")
+    assert [r["status"] for r in second] == ["skipped"] * 2 + ["done"] + ["skipped"] * 2
+    assert (out / "s0_seg.nii.gz").stat().st_mtime_ns == written
+    for a, b in zip(first, second, strict=True):
+        assert a["grey matter (voxels)"] == b["grey matter (voxels)"]
+
+
+def test_shards_split_the_cohort_without_overlap(cohort, tmp_path):
+    (cohort / "s5.nii.gz").unlink()
+    out = tmp_path / "out"
+    for shard in ("0/2", "1/2"):
+        assert main(["predict", str(cohort), "-o", str(out), "--shard", shard]) == 0
+    names = [
+        [
+            r["input"].rsplit("/", 1)[-1]
+            for r in read_rows(out / f"apformer-stats.shard-{k}-of-2.csv")
+        ]
+        for k in (0, 1)
+    ]
+    assert names == [["s0.nii.gz", "s2.nii.gz", "s4.nii.gz"], ["s1.nii.gz", "s3.nii.gz"]]
+    assert len(list(out.glob("*_seg.nii.gz"))) == 5
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "a/b", "1", "0/0"])
+def test_bad_shards_are_refused(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "x", "-o", "y", "--shard", text])
+    assert "shard" in capsys.readouterr().err
+
+
+def test_take_shard_covers_every_file_once(tmp_path):
+    files = [tmp_path / f"{k:03d}.nii" for k in range(23)]
+    taken = [f for i in range(4) for f in take_shard(files[::-1], parse_shard(f"{i}/4"))]
+    assert sorted(taken) == files
+
+
+def test_a_killed_write_leaves_no_output(cohort, tmp_path, monkeypatch):
+    """Interrupt the label writer half-way: no label file, so a rerun redoes the file."""
+    (cohort / "s5.nii.gz").unlink()
+    out = tmp_path / "out"
+    real = nib.save
+
+    def dying_save(image, path):
+        real(image, path)  # the temporary file is complete on disk ...
+        raise KeyboardInterrupt  # ... and the process dies before the rename
+
+    monkeypatch.setattr(nib, "save", dying_save)
+    assert main(["predict", str(cohort / "s0.nii.gz"), "-o", str(out)]) == 130
+    assert list(out.glob("*.nii.gz")) == [] and list(out.glob(".*part*")) == []
+    monkeypatch.setattr(nib, "save", real)
+    assert main(["predict", str(cohort / "s0.nii.gz"), "-o", str(out)]) == 0
+    assert json.loads((out / "s0_seg.json").read_text())["statistics"]["slices"] == 2
