@@ -8,7 +8,9 @@
    idle again). Rows: the shipped default weights moving the threshold; the same at threshold
    1.0 (nothing pruned, the worst case) moving the gate; the authors' released weights
    (tests/data) moving the threshold.
-2. napari start-up with the plugin installed, in a fresh process: whether torch gets imported
+2. Under load: 200 threshold changes in quick succession; the longest event-loop stall, how
+   many runs they caused, whether the newest value is what is shown, resident memory.
+3. napari start-up with the plugin installed, in a fresh process: whether torch gets imported
    (python -X importtime), and the time to open the widget (which does import it).
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def slider_latency(repeats: int) -> list[tuple[str, list[float], float]]:
+def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
     os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "napari.yaml"))
     import napari
     import numpy as np
@@ -83,8 +85,82 @@ def slider_latency(repeats: int) -> list[tuple[str, list[float], float]]:
     widget.weights_choice.value = widget_module.OTHER_WEIGHTS
     widget.token_threshold.value = 0.9
     timed("authors' release, threshold slider", widget.token_threshold, (0.7, 0.9))
+    load = under_load(app, widget, wait_idle, changes)
     viewer.close()
-    return rows
+    return rows, load
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def under_load(app, widget, wait_idle, changes: int) -> dict:
+    """`changes` threshold moves about 2 ms apart, as fast as a dragged slider sends them.
+
+    Responsiveness: a 10 ms QTimer keeps ticking throughout; the largest gap between ticks is
+    the longest the viewer did not respond. Memory: resident set before, at the peak (sampled
+    at each tick) and after the last result plus 20 more idle runs (caches warm).
+    """
+    import gc
+
+    import numpy as np
+    from qtpy.QtCore import QTimer
+
+    from napari_apformer.weights import DEFAULT_WEIGHTS
+
+    widget.weights_choice.value = DEFAULT_WEIGHTS
+    widget.token_threshold.value = 0.9
+    wait_idle()
+    gc.collect()
+    before = rss_mib()
+    ticks: list[float] = []
+    peak = [before]
+
+    def tick() -> None:
+        ticks.append(time.perf_counter())
+        peak[0] = max(peak[0], rss_mib())
+
+    timer = QTimer()
+    timer.timeout.connect(tick)
+    timer.start(10)
+    calls = []
+    run_live = widget.engine.run_live
+    widget.engine.run_live = lambda request: calls.append(request) or run_live(request)
+    values = np.round(np.random.default_rng(0).uniform(0.3, 1.0, changes), 3)
+    values[-1] = 0.777  # the newest value, to check what is shown at the end
+    started = time.perf_counter()
+    for value in values:
+        widget.token_threshold.value = float(value)
+        app.processEvents()
+        time.sleep(0.002)
+    sent = time.perf_counter() - started
+    settle = wait_idle()
+    timer.stop()
+    widget.engine.run_live = run_live
+    shown = widget._last.token_threshold
+    for k in range(20):  # keep working: memory must not creep up
+        widget.token_threshold.value = 0.7 + 0.01 * (k % 2)
+        wait_idle()
+    gc.collect()
+    after = rss_mib()
+    gaps = np.diff(ticks) * 1000 if len(ticks) > 1 else np.array([float("nan")])
+    return {
+        "changes": changes,
+        "runs": len(calls),
+        "sent_s": sent,
+        "settle_ms": 1000 * settle,
+        "shown": shown,
+        "newest": float(values[-1]),
+        "max_gap_ms": float(gaps.max()),
+        "p99_gap_ms": float(np.percentile(gaps, 99)),
+        "rss_before": before,
+        "rss_peak": peak[0],
+        "rss_after": after,
+    }
 
 
 STARTUP = """
@@ -121,18 +197,32 @@ def startup() -> tuple[bool, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--changes", type=int, default=200, help="for the load test")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU(s)\n")
     print("Slider change to updated overlays (256 x 256 slice, napari, 2 torch threads)")
     print("| weights | kept tokens | median ms | p90 ms | max ms | runs |")
     print("|---|---|---|---|---|---|")
-    for label, times, kept in slider_latency(args.repeats):
+    rows, load = slider_latency(args.repeats, args.changes)
+    for label, times, kept in rows:
         ordered = sorted(times)
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         print(
             f"| {label} | {100 * kept:.0f} % | {statistics.median(times):.0f} | {p90:.0f} "
             f"| {max(times):.0f} | {len(times)} |"
         )
+    print(f"\nUnder load: {load['changes']} threshold changes about 2 ms apart (shipped weights)")
+    print(
+        "| changes sent in | runs | last result after | shown = newest | longest viewer "
+        "stall | p99 stall | RSS before | RSS peak | RSS after (+20 runs) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {load['sent_s']:.1f} s | {load['runs']} | {load['settle_ms']:.0f} ms | "
+        f"{'yes' if load['shown'] == load['newest'] else 'NO'} | {load['max_gap_ms']:.0f} ms | "
+        f"{load['p99_gap_ms']:.0f} ms | {load['rss_before']:.0f} MiB | "
+        f"{load['rss_peak']:.0f} MiB | {load['rss_after']:.0f} MiB |"
+    )
     torch_loaded, widget_seconds = startup()
     print("\nnapari start-up with the plugin (fresh process, -X importtime, sample opened)")
     print("| torch imported at start-up | opening the widget (imports torch) |")

@@ -111,3 +111,39 @@ def test_a_killed_write_leaves_no_output(cohort, tmp_path, monkeypatch):
     monkeypatch.setattr(nib, "save", real)
     assert main(["predict", str(cohort / "s0.nii.gz"), "-o", str(out)]) == 0
     assert json.loads((out / "s0_seg.json").read_text())["statistics"]["slices"] == 2
+
+
+KILLED_WRITER = """
+import sys, time, nibabel
+real = nibabel.save
+def slow_save(image, path):
+    real(image, path)
+    print("WRITING", flush=True)
+    time.sleep(60)  # killed here: the temporary file is on disk, the rename has not happened
+nibabel.save = slow_save
+from napari_apformer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_the_write_leaves_no_output_and_a_rerun_cleans_up(cohort, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    source, out = cohort / "s0.nii.gz", tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, "predict", str(source), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "WRITING"
+        assert list(out.glob(".s0_seg.nii.gz.*.part*"))  # the write is under way
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    assert not (out / "s0_seg.nii.gz").exists()
+    assert main(["predict", str(source), "-o", str(out)]) == 0
+    assert nib.load(out / "s0_seg.nii.gz").shape == nib.load(source).shape
+    assert sorted(p.name for p in out.iterdir()) == ["s0_seg.json", "s0_seg.nii.gz"]

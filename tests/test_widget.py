@@ -137,6 +137,27 @@ def test_stale_results_never_overwrite_newer_ones(viewer, qtbot, official_weight
     assert widget._last.token_threshold == 0.45
 
 
+def test_two_hundred_quick_changes_show_only_the_newest(viewer, qtbot, official_weights):
+    """Under load (timings and memory: benchmarks/bench_widget.py): the changes merge into
+    few runs, the newest value is what is shown, and nothing is left running or added."""
+    viewer.open_sample(PLUGIN, "mni152_slice")
+    widget = open_widget(viewer, qtbot, official_weights)
+    names = [layer.name for layer in viewer.layers]
+    calls = []
+    run_live = widget.engine.run_live
+    widget.engine.run_live = lambda request: calls.append(request) or run_live(request)
+    values = np.round(np.random.default_rng(0).uniform(0.3, 1.0, 200), 3)
+    values[-1] = 0.777
+    for value in values:
+        widget.token_threshold.value = float(value)
+        qtbot.wait(1)
+    wait_idle(qtbot, widget)
+    assert widget._last.token_threshold == pytest.approx(0.777)
+    assert len(calls) < 100 and calls[-1].settings.token_threshold == pytest.approx(0.777)
+    assert [layer.name for layer in viewer.layers] == names
+    assert not widget.busy and widget._live_worker is None
+
+
 def test_volume_run_cancel_keeps_the_viewer_consistent(viewer, qtbot, official_weights, notices):
     [image, _] = viewer.open_sample(PLUGIN, "mni152_volume")
     widget = open_widget(viewer, qtbot, official_weights)

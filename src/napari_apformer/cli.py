@@ -294,6 +294,8 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
         raise InputError(
             "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
         )
+    for stale in target.parent.glob(f".{target.name}.*.part*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
     image_file = read_image_file(source)
     axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
     image = segmenter.prepare(
