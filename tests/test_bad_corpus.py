@@ -92,3 +92,35 @@ def test_napari_reader_never_raises(corpus, monkeypatch, name):
             assert len(shown) == 1 and "oblique" in shown[0]
         else:
             assert not shown
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_viewer_and_widget_with_each_file(make_napari_viewer, qtbot, corpus, monkeypatch, name):
+    pytest.importorskip("napari")
+    from napari_apformer.plugin import widget as widget_module
+
+    case, path = BY_NAME[name], corpus[name]
+    shown = []
+    for notify in ("show_error", "show_info", "show_warning"):
+        monkeypatch.setattr(widget_module, notify, shown.append)
+    monkeypatch.setattr(_reader, "_notify_error", shown.append)
+    monkeypatch.setattr(_reader, "_notify_warning", shown.append)
+    viewer = make_napari_viewer()
+    opened = viewer.open(str(path), plugin="napari-apformer")
+    if case.outcome == "reject" and not case.opens_in_napari:
+        assert opened == [] and len(viewer.layers) == 0
+        assert len(shown) == 1 and case.expect in shown[0]
+        return
+    [layer] = opened
+    _, widget = viewer.window.add_plugin_dock_widget("napari-apformer", "APFormer")
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    if case.outcome == "reject":
+        assert [m for m in shown if case.expect in m], shown
+        assert [each.name for each in viewer.layers] == [layer.name]  # no output layers
+        return
+    segmentation = viewer.layers[f"{layer.name} segmentation"]
+    spatial = layer.data.shape[:-1] if layer.rgb else layer.data.shape
+    assert segmentation.data.shape == spatial
+    assert np.allclose(segmentation.scale, layer.scale)
+    assert np.allclose(segmentation.translate, layer.translate)

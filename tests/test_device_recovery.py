@@ -117,3 +117,33 @@ def test_reduced_precision_changes_few_labels(official_model):
     assert np.mean(labels != expected) < 0.01
     with pytest.raises(InputError, match="precision must be one of"):
         Segmenter(official_model, device="cpu", precision="half")
+
+
+def test_a_volume_too_large_for_memory_says_what_it_needs(official_model, monkeypatch):
+    import napari_apformer.engine.inference as inference
+
+    segmenter = Segmenter(official_model, device="cpu", batch_size=8)
+    volume = np.zeros((300, 64, 64), np.int16)  # the pixels are not read before the check
+    image = segmenter.prepare(volume, axis=0)
+    monkeypatch.setattr(inference, "available_bytes", lambda: 200 * 2**20)
+    with pytest.raises(InputError) as error:
+        segmenter.start(image, probabilities=True)
+    message = str(error.value)
+    assert "needs about" in message and "200 MiB is available" in message
+    assert "--batch-size 1" in message and "no probabilities" in message
+    small = Segmenter(official_model, device="cpu", batch_size=1)
+    assert small.start(small.prepare(volume, axis=0)).total == 300  # fits: starts
+
+
+def test_a_nifti_too_large_to_read_is_refused_before_reading(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    import napari_apformer.io.nifti as nifti
+
+    path = tmp_path / "ct.nii.gz"
+    image = nib.Nifti1Image(np.zeros((64, 64, 40), np.int16), np.eye(4))
+    image.header.set_slope_inter(1.0, -1024.0)  # read as float64: 8 bytes a voxel
+    nib.save(image, path)
+    monkeypatch.setattr(nifti, "available_bytes", lambda: 1_000_000)
+    with pytest.raises(InputError, match=r"reading it needs 1 MiB of memory but only 1 MiB"):
+        nifti.read_nifti(path)

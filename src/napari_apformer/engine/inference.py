@@ -26,6 +26,7 @@ import torch
 
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
+from napari_apformer.engine.memory import WORKING_BYTES_PER_SLICE, available_bytes, size_text
 from napari_apformer.engine.precision import autocast_dtype
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
 from napari_apformer.engine.staging import HostStaging
@@ -182,6 +183,7 @@ class Segmenter:
             raise InputError(f"slice index out of range 0..{image.n_slices - 1}", image.source)
         tau, gates = self.check_settings(token_threshold, gate)
         n_classes, count = self.model.n_classes, len(chosen)
+        self.check_memory(image, probabilities)
         grid = (count, TOKEN_GRID, TOKEN_GRID)
         result = SegmentationResult(
             labels=np.zeros(image.spatial_shape, label_dtype(n_classes - 1)),
@@ -199,6 +201,31 @@ class Segmenter:
         )
         watched = set(attention_slices) & set(chosen)
         return SegmentationJob(result, self._steps(image, result, watched, cache))
+
+    def check_memory(self, image: PreparedImage, probabilities: bool = False) -> None:
+        """InputError, with the sizes, when labels + probabilities + one batch's working memory
+        would not fit in the memory available now."""
+        free = available_bytes()
+        if free is None:
+            return
+        voxels = int(np.prod(image.spatial_shape))
+        labels = voxels * np.dtype(label_dtype(self.model.n_classes - 1)).itemsize
+        probs = 4 * voxels * self.model.n_classes if probabilities else 0
+        batch = min(self.batch_size, image.n_slices) * WORKING_BYTES_PER_SLICE
+        if labels + probs + batch <= free:
+            return
+        parts = (
+            f"labels {size_text(labels)}, one batch of {self.batch_size} slices {size_text(batch)}"
+        )
+        parts += f", probabilities {size_text(probs)}" if probs else ""
+        hints = ["a smaller batch (--batch-size 1)"] if self.batch_size > 1 else []
+        hints += ["no probabilities"] if probs else []
+        hints += ["fewer slices at a time, or a machine with more memory"]
+        raise InputError(
+            f"this run needs about {size_text(labels + probs + batch)} ({parts}) but only "
+            f"{size_text(free)} is available; try {' or '.join(hints)}",
+            image.source,
+        )
 
     def check_settings(
         self, token_threshold: float | None, gate: float | Sequence[float] | None

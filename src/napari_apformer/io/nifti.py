@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from napari_apformer.engine.memory import available_bytes, size_text
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.geometry import Reorientation
@@ -120,6 +121,16 @@ def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
     if available is not None and available < needed:
         raise InputError(
             f"truncated: the header needs {needed} bytes, the file has {available}", path
+        )
+    slope, inter = (getattr(image.dataobj, name, None) for name in ("slope", "inter"))
+    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)  # nibabel gives float64
+    in_memory = claimed // header.get_data_dtype().itemsize * 8 if scaled else claimed
+    free = available_bytes()
+    if free is not None and in_memory > free:
+        raise InputError(
+            f"reading it needs {size_text(in_memory)} of memory but only {size_text(free)} is "
+            "available; close other programs or use a machine with more memory",
+            path,
         )
 
 
