@@ -197,6 +197,32 @@ def test_volume_run_finishes_and_saves_in_the_source_geometry(
     assert (tmp_path / "labels.json").is_file()
 
 
+def test_running_out_of_memory_mid_volume_is_announced_and_loses_nothing(
+    viewer, qtbot, official_weights, tmp_path, notices, monkeypatch
+):
+    import torch
+
+    path = tmp_path / "small.nii.gz"
+    source = nib.load(Path(widget_module.__file__).parents[1] / "samples/mni152_t1_2mm.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, 30:40], source.affine), path)
+    [image] = viewer.open(path, plugin=PLUGIN)
+    widget = open_widget(viewer, qtbot, official_weights)
+    segmenter = widget.engine.segmenter(widget.settings())
+    decode = segmenter.model.decode
+
+    def tight_memory(encoded, *args, **kwargs):
+        if encoded.x4.shape[0] > 4:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return decode(encoded, *args, **kwargs)
+
+    monkeypatch.setattr(segmenter.model, "decode", tight_memory)
+    widget.start_volume()
+    wait_idle(qtbot, widget)
+    assert "APFormer: cpu ran out of memory; continuing with batch size 4" in notices
+    seg = output(viewer, image, "segmentation")
+    assert all(seg.data[s].any() for s in range(seg.data.shape[0]))
+
+
 def test_closing_the_viewer_during_a_run(make_napari_viewer, qtbot, official_weights):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "mni152_volume")
