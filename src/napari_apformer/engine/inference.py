@@ -313,16 +313,18 @@ class Segmenter:
     def _encode(
         self,
         inputs: torch.Tensor,
-        keys: list[tuple],
+        keys: list[tuple] | None,
         fill_cache: bool,
         first_gate: float | None,
     ) -> tuple[EncodedSlices, list[bool], int]:
-        """Encoder features for a batch, from the cache where present; which slices were hits;
-        FLOPs spent on caching layer 1.
+        """Encoder features for a batch, from the cache where present (keys None: no cache in
+        play); which slices were hits; FLOPs spent on caching layer 1.
 
         When filling the cache, each slice also keeps layer 1's output for every token at
         `first_gate`, so that later threshold changes skip layer 1 too.
         """
+        if keys is None:  # no cache in play
+            return self.model.encode(inputs), [False] * len(inputs), 0
         found = [self.encoder_cache.get(key) for key in keys]
         hits = [item is not None for item in found]
         missing = [k for k, item in enumerate(found) if item is None]
@@ -356,9 +358,12 @@ class Segmenter:
         host, slot = self.staging.buffer((len(batch), image.in_channels, box.height, box.width))
         for j, index in enumerate(batch):
             host[j] = torch.from_numpy(image.slice_input(index))
-        # keyed by the slice itself, before it goes to the device
-        place = (self._weights_key, str(self.device), box)
-        keys = [(*place, blake2b(row.numpy(), digest_size=16).digest()) for row in host]
+        # Keyed by the slice itself, before it goes to the device. Hashing costs about 1 ms
+        # per 512 x 512 slice, so it is skipped when there is nothing to find or to keep.
+        keys: list[tuple] | None = None
+        if fill_cache or len(self.encoder_cache):
+            place = (self._weights_key, str(self.device), box)
+            keys = [(*place, blake2b(row.numpy(), digest_size=16).digest()) for row in host]
         pixels = self.staging.send(host, slot)
         inputs = box.to_model(pixels)
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
