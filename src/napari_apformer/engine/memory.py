@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Working memory of one slice in a batch: measured peak of the model's activations at
-# 256 x 256 (about 40 MiB on the CPU, see docs/performance.md), rounded up.
+# Working memory per slice of a batch, an upper estimate: on the CPU a 256 x 256 x 180 volume
+# at batch 8 peaked 349 MiB above its input, labels included (docs/performance.md).
 WORKING_BYTES_PER_SLICE = 48 * 2**20
 MEMINFO = Path("/proc/meminfo")
 
