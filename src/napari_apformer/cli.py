@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from napari_apformer import __version__
+from napari_apformer import __version__, cohort
 from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, stem_of
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--shard",
-        type=parse_shard,
+        type=cohort.parse_shard,
         default=None,
         metavar="I/N",
         help="take every N-th input file from the I-th (0-based), for parallel processes "
@@ -143,12 +143,6 @@ def parse_gate(text: str) -> float | list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or list of numbers: {text!r}") from None
     return values[0] if len(values) == 1 else values
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    from napari_apformer.cohort import parse_shard as parse
-
-    return parse(text)
 
 
 def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
@@ -207,8 +201,6 @@ def output_path_for(source: Path, output: Path, single: bool) -> Path:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from napari_apformer import cohort
-
     files = cohort.take_shard(collect_inputs(args.inputs), args.shard)
     single = len(files) == 1 and args.shard is None
     outputs = [output_path_for(f, args.output, single) for f in files]
@@ -287,7 +279,6 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     """Segment one file and write its labels and sidecar; returns its statistics."""
     from tqdm import tqdm
 
-    from napari_apformer.cohort import statistics_of, voxel_volume_mm3
     from napari_apformer.io.formats import read_image_file, write_class_table, write_labels
 
     if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
@@ -313,8 +304,8 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     result = job.result
     for notice in result.notices:
         print(f"apformer: warning: {source}: {notice}", file=sys.stderr)
-    voxel = voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
-    statistics = statistics_of(result, segmenter.card.class_names, voxel)
+    voxel = cohort.voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
+    statistics = cohort.statistics_of(result, segmenter.card.class_names, voxel)
     # The sidecar first: an output whose label file exists is complete, so a rerun skips it.
     write_class_table(target, {**class_table(segmenter, result), "statistics": statistics})
     write_labels(target, result.labels, image_file)

@@ -122,10 +122,8 @@ class StatisticsTable:
         return sum(row["status"] == status for row in self.rows)
 
     def write(self, path: Path) -> None:
-        columns = [*COLUMNS]
-        for name in self.class_names:
-            columns += [f"{name} (ml)", f"{name} (voxels)"]
         text = io.StringIO()
+        columns = list(self.rows[0]) if self.rows else [*COLUMNS]  # every row has all columns
         writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
