@@ -40,6 +40,34 @@ def test_dependency_pruning_matches_spec(grad):
     assert (pruned.kept_per_query >= 1).all()  # the maximum always survives
 
 
+def test_dependency_pruning_gradient_matches_spec():
+    """The row-maximum shift is detached for speed; the gradient must be the spec's."""
+    torch.manual_seed(2)
+    scores = (torch.randn(2, 3, 40, 60) * 3).requires_grad_()
+    ratio = (torch.rand(2, 3, 40, 1) * 0.5).requires_grad_()
+    upstream = torch.randn(2, 3, 40, 60)
+    pruned = prune_dependencies(scores, ratio)
+    (pruned.weights / pruned.normaliser * upstream).sum().backward()
+    got = scores.grad.clone()
+    scores.grad = None
+    (reference_pruning(scores, ratio) * upstream).sum().backward()
+    torch.testing.assert_close(got, scores.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_position_bias_gradient_reaches_every_table_entry_once_per_use(random_model):
+    """index_select builds the bias; its gradient equals that of plain indexing."""
+    attention = random_model.trans4.attention_layers[0]
+    table = attention.relative_position_bias_table
+    upstream = torch.randn(attention.heads, TOKENS, TOKENS)
+    (attention.position_bias() * upstream).sum().backward()
+    got = table.grad.clone()
+    table.grad = None
+    plain = table[attention.relative_position_index].permute(2, 0, 1)
+    (plain * upstream).sum().backward()
+    torch.testing.assert_close(got, table.grad, atol=1e-4, rtol=1e-4)
+    table.grad = None
+
+
 def test_pruned_queries_get_no_attention_output(random_model):
     layer = random_model.trans4.attention_layers[0]
     x = torch.randn(2, TOKENS, 128)

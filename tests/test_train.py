@@ -69,6 +69,44 @@ def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys
     assert sweep_out.with_suffix(".png").is_file() and sweep_out.with_suffix(".md").is_file()
 
 
+def test_weight_average_is_saved_and_resumed(tmp_path):
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "w" / "ema"
+    common = ["--images", data, "-o", out, "--steps-per-epoch", 2, "--batch-size", 2]
+    assert run_cli(*common, "--epochs", 1, "--ema", 0.5) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["metrics"]["batch_norm_statistics"].startswith("re-estimated on all 3 clean")
+    state = torch.load(out.with_suffix(".train-state.pt"), weights_only=True)
+    saved = load_model(out.with_suffix(".safetensors")).state_dict()
+    name = "trans4.transformer.layers.0.0.fn.to_qkv.weight"
+    assert torch.equal(saved[name], state["average"][name])
+    assert not torch.equal(state["average"][name], state["model"][name])  # averaged, not raw
+    assert (
+        run_cli(
+            *common, "--epochs", 2, "--ema", 0.5, "--resume", out.with_suffix(".train-state.pt")
+        )
+        == 0
+    )
+    assert main(["train", "--images", str(data), "-o", str(out), "--ema", "1"]) == 1
+
+
+def test_weight_average_update_follows_its_decay():
+    from napari_apformer.train.loop import WeightAverage
+
+    torch.manual_seed(0)
+    model = APFormer(1, 2)
+    average = WeightAverage(model, decay=0.9)
+    before = next(average.model.parameters()).clone()
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.add_(1.0)
+    average.update(model, step=1000)  # past the warm-up: decay 0.9
+    torch.testing.assert_close(next(average.model.parameters()), 0.9 * before + 0.1 * first)
+    previous = next(average.model.parameters()).clone()
+    average.update(model, step=0)  # warm-up: decay 1/10
+    torch.testing.assert_close(next(average.model.parameters()), 0.1 * previous + 0.9 * first)
+
+
 @pytest.mark.parametrize(
     "problem, message",
     [

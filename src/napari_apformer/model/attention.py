@@ -113,8 +113,12 @@ def prune_dependencies(
     straight-through estimator, so the gate and the ratio layer receive gradients.
     """
     inplace = not torch.is_grad_enabled()
-    high = scores.amax(dim=-1, keepdim=True)
-    floor = torch.exp(scores.amin(dim=-1, keepdim=True) - high)
+    # Shifting by the row maximum cancels in A'; only the straight-through estimator needs its
+    # gradient, so without it the shift (and the floor, used under the hard mask only) is
+    # detached, which spares autograd a costly amax backward.
+    shift = scores if temperature is not None else scores.detach()
+    high = shift.amax(dim=-1, keepdim=True)
+    floor = torch.exp(shift.amin(dim=-1, keepdim=True) - high)
     weights = scores.sub_(high).exp_() if inplace else torch.exp(scores - high)
     total = weights.sum(dim=-1, keepdim=True)
     before = weights / total if keep_before else None
@@ -161,7 +165,10 @@ class PruningAttention(nn.Module):
         cacheable = not torch.is_grad_enabled()
         if cacheable and self._bias_cache is not None and self._bias_cache[0] == key:
             return self._bias_cache[1]
-        learned = table[self.relative_position_index].permute(2, 0, 1)
+        # index_select, not indexing: its backward (index_add_) is several times faster on the CPU
+        flat = self.relative_position_index.reshape(-1)
+        learned = table.index_select(0, flat).view(*self.relative_position_index.shape, -1)
+        learned = learned.permute(2, 0, 1)
         denominator = 2 * sigma[:, None, None] ** 2 + 1e-6
         gaussian = torch.exp(-self.squared_distance[None] / denominator)
         bias = (learned + GAUSSIAN_WEIGHT * gaussian).contiguous()
@@ -254,7 +261,10 @@ class PruningAttention(nn.Module):
             rows = (
                 bias.index_select(1, query_index[0])
                 if batch == 1
-                else bias[:, query_index].transpose(0, 1).reshape(batch * heads, n, tokens)
+                else bias.index_select(1, query_index.reshape(-1))
+                .view(heads, batch, n, tokens)
+                .transpose(0, 1)
+                .reshape(batch * heads, n, tokens)
             )
             rows = rows.to(q.dtype)  # under autocast; out= is not autocast
             out = None if torch.is_grad_enabled() else rows  # out= has no autograd

@@ -66,6 +66,13 @@ def add_train_parser(commands) -> None:
         default=0.05,
         help="weight of the kept-dependency penalty with --learnable-gates",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="validate and save an exponential moving average of the weights (e.g. 0.99; 0 = off)",
+    )
     parser.add_argument("--init", type=Path, default=None, help="start from these weights")
     parser.add_argument("--resume", type=Path, default=None, help="a .train-state.pt file")
     parser.add_argument("--no-progress", action="store_true")
@@ -165,6 +172,8 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.epochs < 1 or args.batch_size < 1 or args.ssa_every < 1:
         raise InputError("--epochs, --batch-size and --ssa-every must be at least 1")
+    if not 0 <= args.ema < 1:
+        raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
     normalisation = Normalisation()
     started = time.perf_counter()
     declared = [n.strip() for n in args.classes.split(",")] if args.classes else None
@@ -211,6 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
         device=args.device,
         learnable_gates=args.learnable_gates,
         gate_sparsity=args.gate_sparsity,
+        ema=args.ema,
         resume=args.resume,
         init=args.init,
         progress=not args.no_progress,

@@ -9,6 +9,7 @@ rank 0 validates and writes the files. Files beside `out` (a path without suffix
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import os
@@ -43,6 +44,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (validate, save) when this much time has passed
     device: str = "auto"
     learnable_gates: bool = False
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     gate_sparsity: float = 0.05  # weight of the kept-dependency term with learnable gates
     gate_learning_rate: float = 0.02
     resume: Path | None = None
@@ -139,6 +141,7 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
     if gate_params:  # one scalar per layer: Adam moves it by about lr per step, so it needs more
         groups.append({"params": gate_params, "lr": config.gate_learning_rate, "weight_decay": 0})
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    average = WeightAverage(model, config.ema) if config.ema > 0 else None
     per_epoch = config.steps_per_epoch or max(1, len(train_set) // (config.batch_size * dist.world))
     total_steps = per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
@@ -148,9 +151,11 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
     state_path = config.out.with_suffix(".train-state.pt")
     start_epoch, step, best_score = 0, 0, -1.0
     best: Validation | None = None  # the best of this run
+    best_model: APFormer | None = None
+    best_at = (0, 0)
     if config.resume is not None:
         start_epoch, step, best_score = _resume(
-            config.resume, model, optimizer, schedule, generator
+            config.resume, model, optimizer, schedule, generator, average
         )
     started = time.perf_counter()
     stopped = False
@@ -180,6 +185,8 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
+            if average is not None:
+                average.update(model, step)
             step += 1
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -193,13 +200,15 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
             bar.close()
         done_steps = k + 1
         if dist.main:
-            recalibrate_batch_norm(model, train_set, card.token_threshold, dist.device, epoch)
-            validation = evaluate(model, val_set, card.token_threshold, dist.device)
+            evaluated = average.model if average is not None else model
+            recalibrate_batch_norm(evaluated, train_set, card.token_threshold, dist.device)
+            validation = evaluate(evaluated, val_set, card.token_threshold, dist.device)
             model.train()
             improved = validation.mean_foreground > best_score
             if improved:
                 best, best_score = validation, validation.mean_foreground
-                _save_best(model, config, validation, epoch + 1, step, started)
+                best_model, best_at = copy.deepcopy(evaluated), (epoch + 1, step)
+                _save_best(evaluated, config, validation, epoch + 1, step, started)
             _log(
                 log_path,
                 epoch + 1,
@@ -212,7 +221,15 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
             )
             plot_curves(log_path, config.out.with_suffix(".train-curves.png"))
             _save_state(
-                state_path, model, optimizer, schedule, generator, epoch + 1, step, best_score
+                state_path,
+                model,
+                optimizer,
+                schedule,
+                generator,
+                epoch + 1,
+                step,
+                best_score,
+                average,
             )
             if config.progress:
                 print(
@@ -228,7 +245,25 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
         dist.barrier()
         if stopped:
             break
+    if dist.main and best_model is not None:
+        best = _final_batch_norm(best_model, train_set, val_set, config, best_at, started)
     return TrainSummary(best, epoch + 1, step, time.perf_counter() - started, stopped)
+
+
+class WeightAverage:
+    """An exponential moving average of the weights, validated and saved instead of the raw
+    weights: it smooths the step-to-step noise of small augmented batches. Buffers are not
+    averaged (BatchNorm statistics are re-estimated before each validation)."""
+
+    def __init__(self, model: APFormer, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: APFormer, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short memory at the start
+        averaged, current = list(self.model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(averaged, current, 1 - decay)
 
 
 def recalibrate_batch_norm(
@@ -236,11 +271,11 @@ def recalibrate_batch_norm(
     data: SliceSet,
     token_threshold: float,
     device: torch.device,
-    seed: int,
-    count: int = 64,
+    count: int | None = 64,
     batch: int = 8,
 ) -> None:
-    """Set the BatchNorm running statistics from clean (unaugmented) training slices.
+    """Set the BatchNorm running statistics from clean (unaugmented) training slices: the same
+    `count` slices each epoch (None: all of them, done once for the final weights).
 
     Training sees augmented intensities, so the running averages it leaves behind do not
     match real images: on the MNI152 validation slices after two epochs, grey-matter Dice was
@@ -253,12 +288,32 @@ def recalibrate_batch_norm(
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches below
     model.train()
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
     with torch.no_grad():
         for lo in range(0, len(order), batch):
             model(data.images[order[lo : lo + batch]].to(device), token_threshold)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
+
+
+def _final_batch_norm(
+    model: APFormer,
+    train_set: SliceSet,
+    val_set: SliceSet,
+    config: TrainConfig,
+    best_at: tuple[int, int],
+    started: float,
+) -> Validation:
+    """The best weights with BatchNorm statistics from every clean training slice rather than
+    the 64 used to rank epochs (a better estimate), validated again and saved with that result
+    whatever it is."""
+    device = next(model.parameters()).device
+    token_threshold = config.card.token_threshold
+    recalibrate_batch_norm(model, train_set, token_threshold, device, count=None)
+    validation = evaluate(model, val_set, token_threshold, device)
+    note = f"re-estimated on all {len(train_set)} clean training slices after training"
+    _save_best(model, config, validation, *best_at, started, batch_norm_note=note)
+    return validation
 
 
 def evaluate(
@@ -294,7 +349,13 @@ def _progress(total: int, description: str, enabled: bool):
 
 
 def _save_best(
-    model, config: TrainConfig, validation: Validation, epoch: int, step: int, started: float
+    model,
+    config: TrainConfig,
+    validation: Validation,
+    epoch: int,
+    step: int,
+    started: float,
+    batch_norm_note: str = "re-estimated on 64 clean training slices",
 ) -> None:
     card = config.card
     names = [c.name for c in card.classes]
@@ -309,6 +370,7 @@ def _save_best(
         "epoch": epoch,
         "step": step,
         "training_seconds_so_far": round(time.perf_counter() - started, 1),
+        "batch_norm_statistics": batch_norm_note,
     }
     card.placeholder = False
     card.gates = model.trans4.stored_gates()
@@ -370,10 +432,19 @@ def plot_curves(log_path: Path, out: Path) -> None:
 
 
 def _save_state(
-    path: Path, model, optimizer, schedule, generator, epoch: int, step: int, best_score: float
+    path: Path,
+    model,
+    optimizer,
+    schedule,
+    generator,
+    epoch: int,
+    step: int,
+    best_score: float,
+    average: WeightAverage | None,
 ) -> None:
     state = {
         "model": model.state_dict(),
+        **({"average": average.model.state_dict()} if average is not None else {}),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "generator": generator.get_state(),
@@ -386,12 +457,16 @@ def _save_state(
     os.replace(tmp, path)
 
 
-def _resume(path: Path, model, optimizer, schedule, generator) -> tuple[int, int, float]:
+def _resume(
+    path: Path, model, optimizer, schedule, generator, average: WeightAverage | None
+) -> tuple[int, int, float]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a bad or foreign file: say which and why
         raise InputError(f"cannot resume from this file ({error})", path) from None
     model.load_state_dict(state["model"])
+    if average is not None:
+        average.model.load_state_dict(state.get("average", state["model"]))
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     generator.set_state(state["generator"])
