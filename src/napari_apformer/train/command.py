@@ -166,8 +166,10 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     from napari_apformer.model.card import DEFAULT_COLOURS, ClassInfo, ModelCard, Normalisation
+    from napari_apformer.train.allocator import keep_freed_memory
     from napari_apformer.train.loop import TrainConfig, train
 
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 1 or args.batch_size < 1 or args.ssa_every < 1:
