@@ -3,8 +3,9 @@
 A CPU training step allocates and frees tensors of 100+ MB (attention maps and their
 gradients). glibc serves blocks that large with mmap and returns them to the kernel on free,
 so every step faults the same memory in again page by page: on 2 cores half of the CPU time
-went to the kernel. Serving them from the heap and never trimming it makes a step about 40 %
-faster (measured in docs/training.md); the cost is that the process keeps its peak memory.
+went to the kernel. Serving them from the heap and never trimming it makes a step faster
+(benchmarks/bench_train_step.py; figures in docs/training.md); the cost is that the process
+keeps its peak memory until it ends.
 """
 
 from __future__ import annotations
