@@ -16,9 +16,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from fresh_process import run_worker
 
 
 def worker(config: dict) -> dict:
@@ -61,13 +61,7 @@ def worker(config: dict) -> dict:
 
 
 def measure(config: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, config)
 
 
 def main() -> None:

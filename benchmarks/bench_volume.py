@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from fresh_process import run_worker
 
 SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_2mm.nii.gz"
 
@@ -115,14 +115,7 @@ def worker(config: dict) -> dict:
 
 
 def measure(config: dict) -> dict:
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"worker failed for {config}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, config)
 
 
 def main() -> None:

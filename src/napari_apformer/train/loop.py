@@ -29,6 +29,8 @@ from napari_apformer.model.losses import training_loss
 from napari_apformer.train.augment import Augmentation
 from napari_apformer.train.datasets import SliceSet
 
+RANKING_SLICES = 64  # clean training slices that set BatchNorm statistics before each validation
+
 
 @dataclass
 class TrainConfig:
@@ -271,7 +273,7 @@ def recalibrate_batch_norm(
     data: SliceSet,
     token_threshold: float,
     device: torch.device,
-    count: int | None = 64,
+    count: int | None = RANKING_SLICES,
     batch: int = 8,
 ) -> None:
     """Set the BatchNorm running statistics from clean (unaugmented) training slices: the same
@@ -305,8 +307,8 @@ def _final_batch_norm(
     started: float,
 ) -> Validation:
     """The best weights with BatchNorm statistics from every clean training slice rather than
-    the 64 used to rank epochs (a better estimate), validated again and saved with that result
-    whatever it is."""
+    the RANKING_SLICES that ranked the epochs (a better estimate), validated again and saved
+    with that result whatever it is."""
     device = next(model.parameters()).device
     token_threshold = config.card.token_threshold
     recalibrate_batch_norm(model, train_set, token_threshold, device, count=None)
@@ -355,7 +357,7 @@ def _save_best(
     epoch: int,
     step: int,
     started: float,
-    batch_norm_note: str = "re-estimated on 64 clean training slices",
+    batch_norm_note: str = f"re-estimated on {RANKING_SLICES} clean training slices",
 ) -> None:
     card = config.card
     names = [c.name for c in card.classes]
