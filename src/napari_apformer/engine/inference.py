@@ -26,7 +26,6 @@ import torch
 
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
-from napari_apformer.engine.memory import WORKING_BYTES_PER_SLICE, available_bytes, size_text
 from napari_apformer.engine.precision import autocast_dtype
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
 from napari_apformer.engine.staging import HostStaging
@@ -39,6 +38,7 @@ from napari_apformer.engine.stats import (
 )
 from napari_apformer.errors import InputError
 from napari_apformer.io.image_file import label_dtype
+from napari_apformer.io.memory import WORKING_BYTES_PER_SLICE, available_bytes, size_text
 from napari_apformer.model.apformer import (
     BACKGROUND,
     TOKEN_GRID,

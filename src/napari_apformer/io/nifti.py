@@ -10,11 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from napari_apformer.engine.memory import available_bytes, size_text
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.geometry import Reorientation
 from napari_apformer.io.image_file import ImageFile, NiftiGeometry, label_dtype
+from napari_apformer.io.memory import available_bytes, size_text
 
 MAX_VOXEL_BYTES = 16 * 2**30  # refuse headers that claim more than this before reading data
 NIFTI_INTENT_LABEL = 1002
