@@ -1,35 +1,148 @@
-"""The model reproduces the authors' release on their conformance vector (spec section 5)."""
+"""The model reproduces the authors' release on their conformance vector (spec section 5).
+
+Dependency pruning compares each attention weight with a threshold. A weight within float
+rounding of its threshold is kept on one CPU and dropped on another (the order of a matrix
+product's sums differs with the instruction set and the thread count), and at gate 0 many
+weights sit that close. The check is honest about it: besides our own run, it runs the model
+with each attention score moved by at most `ROUNDING` (about one float32 ulp of the scores), so
+every near-threshold decision goes either way, and requires the release's logits to lie within
+`LOGIT_TOLERANCE` of the range those runs span. A logit that no near-threshold decision moves
+must therefore match within 1e-4, and the share of logits that rounding can move at all is
+bounded, so the exemption cannot grow into a blanket pass. The last tests hold that a wrong
+position bias or a wrong pruning rule still fails the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from napari_apformer.model import attention
+
 MAX_ARGMAX_DIFFERENCES = 5  # "at most a handful of pixels"
 LOGIT_TOLERANCE = 1e-4
+ROUNDING = 1e-6  # largest change of an attention score (its logarithm of a weight) tried
+JITTERED_RUNS = 6
+MAX_ROUNDING_SENSITIVE = 0.05  # at most this share of logits may move by more than 1e-4
 
 
-@pytest.mark.parametrize("case", [0, 1])
-def test_each_image_alone_matches_release(official, official_model, case):
-    gate = float(official["gates"][case])
-    tau = float(official["neg_thresh"])
-    for i in range(2):
-        with torch.inference_mode():
-            out = official_model(
-                torch.from_numpy(official["input"][i : i + 1]), token_threshold=tau, gate=gate
-            )
-        logits = out.logits[0].numpy()
-        differing = int((logits.argmax(0) != official[f"argmax_{case}"][i]).sum())
-        assert differing <= MAX_ARGMAX_DIFFERENCES
-        np.testing.assert_allclose(
-            logits[:, ::4, ::4], official[f"logits_strided_{case}"][i], atol=LOGIT_TOLERANCE, rtol=0
-        )
-        np.testing.assert_allclose(
-            out.token_logits[0].numpy(), official[f"sx_{case}"][i], atol=LOGIT_TOLERANCE, rtol=0
+@dataclass
+class Agreement:
+    outside: int  # strided logits outside the rounding range by more than LOGIT_TOLERANCE
+    worst: float  # the largest such distance
+    sensitive_fraction: float  # strided logits that rounding alone moves by more than 1e-4
+    argmax_differences: int
+
+    def holds(self) -> bool:
+        return (
+            self.outside == 0
+            and self.sensitive_fraction <= MAX_ROUNDING_SENSITIVE
+            and self.argmax_differences <= MAX_ARGMAX_DIFFERENCES
         )
 
 
+def _jittered(seed: int) -> Callable:
+    generator = torch.Generator().manual_seed(seed)
+    exact = attention.prune_dependencies
+
+    def prune(scores: torch.Tensor, ratio: torch.Tensor, **options):
+        noise = torch.rand(scores.shape, generator=generator).mul_(2).sub_(1).mul_(ROUNDING)
+        return exact(scores + noise.to(scores.device, scores.dtype), ratio, **options)
+
+    return prune
+
+
+def rounding_runs(model, official, case: int, monkeypatch) -> np.ndarray:
+    """(JITTERED_RUNS, 2, K, 64, 64) strided logits with every score moved by <= ROUNDING."""
+    runs = []
+    for seed in range(JITTERED_RUNS):
+        with monkeypatch.context() as patch:
+            patch.setattr(attention, "prune_dependencies", _jittered(seed))
+            runs.append(run_alone(model, official, case)[0])
+    return np.stack(runs)
+
+
+def agreement(
+    ours: np.ndarray, argmax: np.ndarray, rounding: np.ndarray, official, case: int
+) -> list[Agreement]:
+    """Per image, how our strided logits and labels agree with the release's, given the
+    logits of `rounding_runs`."""
+    runs = np.concatenate([ours[None], rounding])
+    low, high = runs.min(axis=0), runs.max(axis=0)
+    reference = official[f"logits_strided_{case}"]
+    distance = np.maximum(low - reference, reference - high)
+    return [
+        Agreement(
+            outside=int((distance[i] > LOGIT_TOLERANCE).sum()),
+            worst=float(distance[i].max()),
+            sensitive_fraction=float((high[i] - low[i] > LOGIT_TOLERANCE).mean()),
+            argmax_differences=int((argmax[i] != official[f"argmax_{case}"][i]).sum()),
+        )
+        for i in range(len(reference))
+    ]
+
+
+def run_alone(model, official, case: int) -> tuple[np.ndarray, np.ndarray]:
+    """Strided logits and the argmax of the full logits, each image run alone."""
+    gate, tau = float(official["gates"][case]), float(official["neg_thresh"])
+    x = torch.from_numpy(official["input"])
+    with torch.inference_mode():
+        logits = torch.cat(
+            [model(x[i : i + 1], token_threshold=tau, gate=gate).logits for i in range(len(x))]
+        )
+    return logits[:, :, ::4, ::4].numpy(), logits.argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def official_rounding(official, official_model) -> dict[int, np.ndarray]:
+    """rounding_runs of the release's weights for both cases, computed once."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return {case: rounding_runs(official_model, official, case, monkeypatch) for case in (0, 1)}
+
+
+def check(model, official, case: int, monkeypatch) -> list[Agreement]:
+    ours, argmax = run_alone(model, official, case)
+    return agreement(
+        ours, argmax, rounding_runs(model, official, case, monkeypatch), official, case
+    )
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4], indirect=True)
 @pytest.mark.parametrize("case", [0, 1])
-def test_batch_matches_release_and_single_images(official, official_model, case):
+def test_each_image_alone_matches_release(
+    official, official_model, official_rounding, case, threads
+):
+    ours, argmax = run_alone(official_model, official, case)
+    for result in agreement(ours, argmax, official_rounding[case], official, case):
+        assert result.holds(), result
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_token_logits_match_release(official, official_model, case):
+    """The pruning head has no threshold in it: it matches tightly everywhere."""
+    with torch.inference_mode():
+        out = official_model(
+            torch.from_numpy(official["input"]), gate=float(official["gates"][case])
+        )
+    np.testing.assert_allclose(
+        out.token_logits.numpy(), official[f"sx_{case}"], atol=LOGIT_TOLERANCE, rtol=0
+    )
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_batch_matches_release_and_single_images(official, official_model, official_rounding, case):
     gate = float(official["gates"][case])
     x = torch.from_numpy(official["input"])
     with torch.inference_mode():
@@ -42,12 +155,30 @@ def test_batch_matches_release_and_single_images(official, official_model, case)
         np.testing.assert_allclose(
             batch.logits[i].numpy(), singles[i].logits[0].numpy(), atol=LOGIT_TOLERANCE, rtol=0
         )
-        np.testing.assert_allclose(
-            batch.logits[i, :, ::4, ::4].numpy(),
-            official[f"logits_strided_{case}"][i],
-            atol=LOGIT_TOLERANCE,
-            rtol=0,
-        )
+    strided = batch.logits[:, :, ::4, ::4].numpy()
+    argmax = batch.logits.argmax(1).numpy()
+    for result in agreement(strided, argmax, official_rounding[case], official, case):
+        assert result.holds(), result
+
+
+def test_wrong_position_bias_fails_the_check(official, official_state_dict, monkeypatch):
+    """Without the Gaussian prior of GRPE (weight 0.01 in the release) the check must fail."""
+    from napari_apformer.model import load_model
+
+    monkeypatch.setattr(attention, "GAUSSIAN_WEIGHT", 0.0)
+    model = load_model(official_state_dict)  # fresh: the bias is cached per model
+    results = check(model, official, 0, monkeypatch)
+    assert not any(r.holds() for r in results), results
+
+
+def test_wrong_pruning_rule_fails_the_check(official, official_model, monkeypatch):
+    """A dependency threshold 5 % off (ratio 0.95 r) must fail the check."""
+    exact = attention.prune_dependencies
+    monkeypatch.setattr(
+        attention, "prune_dependencies", lambda s, r, **options: exact(s, 0.95 * r, **options)
+    )
+    results = check(official_model, official, 0, monkeypatch)
+    assert not any(r.holds() for r in results), results
 
 
 def test_about_half_of_first_image_is_pruned(official, official_model):
