@@ -6,11 +6,14 @@
     for progress in job: ...
     result = job.result
 
-With `start(..., cache=True)` (live use: a slice on screen whose threshold will move) each
-slice keeps what does not depend on the token threshold: the encoder features and layer 1's
-output for every token, keyed by the weights and the exact model input. Any later run of that
-slice reads them, so a threshold change computes only layers 2 to 4 and the decoder. One-off
-runs (the command line, whole volumes) leave the cache alone.
+The engine knows the family interface (`model.base`) only: the input rule (letterbox),
+the settings, the maps and counters a prediction declares, and the optional capabilities.
+
+With `start(..., cache=True)` (live use: a slice on screen whose settings will move) and a
+model that offers a `CachedSplit`, each slice keeps what `encode` gives, plus whatever
+`prepare_cache` adds (APFormer: layer 1 at the current gate), keyed by the weights and the
+exact model input. Any later run of that slice reads them, so a setting change runs only
+`decode`. One-off runs (the command line, whole volumes) leave the cache alone.
 """
 
 from __future__ import annotations
@@ -29,23 +32,17 @@ from napari_apformer.engine.device import is_device_failure, is_out_of_memory, r
 from napari_apformer.engine.precision import autocast_dtype
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage, prepare_image
 from napari_apformer.engine.staging import HostStaging
-from napari_apformer.engine.stats import (
-    RunStats,
-    decoder_flops,
-    encoder_flops,
-    first_layer_flops,
-    slice_flops,
-)
-from napari_apformer.errors import InputError
+from napari_apformer.engine.stats import RunStats
+from napari_apformer.errors import InputError, first_line
 from napari_apformer.io.image_file import label_dtype
 from napari_apformer.io.memory import WORKING_BYTES_PER_SLICE, available_bytes, size_text
-from napari_apformer.model.apformer import (
-    BACKGROUND,
-    TOKEN_GRID,
-    TOKENS,
-    APFormer,
-    EncodedSlices,
-    check_token_threshold,
+from napari_apformer.model.base import (
+    CachedSplit,
+    MapSpec,
+    Prediction,
+    QueryAttention,
+    SegmentationModel,
+    SettingValue,
 )
 from napari_apformer.model.card import ModelCard
 
@@ -60,28 +57,33 @@ class Progress:
 
 @dataclass
 class SegmentationResult:
-    """Labels on the image's own grid and, per processed slice, what the pruning did.
+    """Labels on the image's own grid and, per processed slice, the maps the model declares.
 
-    Per-slice arrays follow the order of `slices`; token maps are on the 32 x 32 grid (use
-    `letterbox.token_grid_to_image` or its token_scale/token_translate to place them).
+    Per-slice maps follow the order of `slices`, on the grids their MapSpec gives (use
+    `letterbox.grid_to_image(map, spec.stride)` or grid_scale/grid_translate to place them).
     """
 
-    labels: np.ndarray  # uint8 on the image's spatial shape (slices not processed stay 0)
+    labels: np.ndarray  # on the image's spatial shape (slices not processed stay 0)
     slices: list[int]
-    keep: np.ndarray  # (S, 32, 32) bool
-    background_probability: np.ndarray  # (S, 32, 32) from the pruning head
-    kept_dependency_fraction: np.ndarray  # (S, 32, 32) mean over layers and heads; 0 if pruned
+    maps: dict[str, np.ndarray]  # name -> (S, rows, cols)
+    map_specs: list[MapSpec]
     letterbox: Letterbox
     stats: RunStats
-    token_threshold: float
-    gates: list[float]
+    settings: dict[str, SettingValue]
     probabilities: np.ndarray | None = None  # (K, *spatial shape) float32, on request
-    # Per slice in `attention_slices`: each transformer layer's normed input (N, C), from
-    # which Segmenter.attention gives the attention of any query point without a rerun.
-    layer_inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # Per slice in `attention_slices`: what QueryAttention.query_attention needs for any
+    # query point without a rerun (APFormer: each layer's normed input).
+    attention_states: dict[int, object] = field(default_factory=dict)
     # What the user should hear about: a smaller batch or a move to the CPU after the
     # device ran out of memory or failed.
     notices: list[str] = field(default_factory=list)
+
+    def spec(self, name: str) -> MapSpec:
+        return next(s for s in self.map_specs if s.name == name)
+
+    def map_on_image(self, name: str, k: int = 0) -> np.ndarray:
+        """Map `name` of the k-th processed slice on the slice's own pixels."""
+        return self.letterbox.grid_to_image(self.maps[name][k], self.spec(name).stride)
 
 
 class SegmentationJob:
@@ -115,7 +117,7 @@ class SegmentationJob:
 class Segmenter:
     def __init__(
         self,
-        model: APFormer,
+        model: SegmentationModel,
         device: str | torch.device = "auto",
         batch_size: int = 8,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -132,11 +134,10 @@ class Segmenter:
         self.model = model.to(self.device).eval()
         self.card = model.card or ModelCard.generic("unnamed", model.in_channels, model.n_classes)
         self.batch_size = batch_size
-        self.encoder_cache: ByteLRU[EncodedSlices] = ByteLRU(cache_bytes)
+        self.encoder_cache: ByteLRU[object] = ByteLRU(cache_bytes)
         self._weights_key = self.card.sha256 or f"model-{id(model)}"
-        self._encoder_flops = encoder_flops(model)
-        self._unpruned_flops = slice_flops(model, TOKENS)
-        self._first_layer_flops = first_layer_flops(model)
+        self._reference_flops: dict[tuple[int, int], int] = {}
+        self._encode_flops: dict[tuple[int, int], int] = {}
 
     def prepare(
         self,
@@ -151,6 +152,7 @@ class Segmenter:
             data,
             in_channels=self.model.in_channels,
             normalisation=self.card.normalisation,
+            rule=self.model.input_rule,
             rgb=rgb,
             axis=axis,
             spacing=spacing,
@@ -166,40 +168,50 @@ class Segmenter:
         image: PreparedImage,
         *,
         slices: Sequence[int] | None = None,
-        token_threshold: float | None = None,
-        gate: float | Sequence[float] | None = None,
         probabilities: bool = False,
         attention_slices: Sequence[int] = (),
         cache: bool = False,
+        **settings: object,
     ) -> SegmentationJob:
-        """A job over `slices` (default: all). Settings default to the weights' own values.
+        """A job over `slices` (default: all). `settings` are the model's run-time settings
+        by name (None or absent: the weights' own values).
 
-        attention_slices: slices whose layer inputs are kept for Segmenter.attention (2 MB each).
-        cache: keep these slices' threshold-independent work for later changes (about 8 MB
-        each; costs layer 1 for every token once).
+        attention_slices: slices whose attention state is kept for Segmenter.attention (a
+        model with QueryAttention only). cache: keep these slices' setting-independent work
+        for later changes (a model with a CachedSplit only).
         """
         chosen = list(range(image.n_slices)) if slices is None else [int(i) for i in slices]
         if any(not 0 <= i < image.n_slices for i in chosen):
             raise InputError(f"slice index out of range 0..{image.n_slices - 1}", image.source)
-        tau, gates = self.check_settings(token_threshold, gate)
+        values = self.check_settings(settings, image.source)
         n_classes, count = self.model.n_classes, len(chosen)
         self.check_memory(image, probabilities)
-        grid = (count, TOKEN_GRID, TOKEN_GRID)
+        box = image.letterbox
+        specs = self.model.map_specs()
         result = SegmentationResult(
             labels=np.zeros(image.spatial_shape, label_dtype(n_classes - 1)),
             slices=chosen,
-            keep=np.zeros(grid, dtype=bool),
-            background_probability=np.zeros(grid, np.float32),
-            kept_dependency_fraction=np.zeros(grid, np.float32),
-            letterbox=image.letterbox,
-            stats=RunStats(device=str(self.device)),
-            token_threshold=tau,
-            gates=gates,
+            maps={
+                spec.name: np.zeros(
+                    (count, *box.grid_shape(spec.stride)),
+                    bool if spec.kind == "mask" else np.float32,
+                )
+                for spec in specs
+            },
+            map_specs=specs,
+            letterbox=box,
+            stats=RunStats(
+                device=str(self.device),
+                labels={c.name: c.label for c in self.model.counter_specs()},
+            ),
+            settings=values,
             probabilities=(
                 np.zeros((n_classes, *image.spatial_shape), np.float32) if probabilities else None
             ),
         )
         watched = set(attention_slices) & set(chosen)
+        if not isinstance(self.model, QueryAttention):
+            watched = set()
         return SegmentationJob(result, self._steps(image, result, watched, cache))
 
     def check_memory(self, image: PreparedImage, probabilities: bool = False) -> None:
@@ -228,12 +240,10 @@ class Segmenter:
         )
 
     def check_settings(
-        self, token_threshold: float | None, gate: float | Sequence[float] | None
-    ) -> tuple[float, list[float]]:
-        """The effective threshold and per-layer gates; InputError if they are invalid."""
-        tau = self.model.default_token_threshold if token_threshold is None else token_threshold
-        check_token_threshold(tau)
-        return tau, self.model.gate_values(gate, torch.empty(0)).tolist()
+        self, settings: dict[str, object] | None = None, source: object = None
+    ) -> dict[str, SettingValue]:
+        """Every setting's effective value; InputError if one is unknown or invalid."""
+        return self.model.resolve_settings(settings, source)
 
     def _steps(
         self, image: PreparedImage, result: SegmentationResult, watched: set[int], cache: bool
@@ -292,7 +302,7 @@ class Segmenter:
             raise error
         reason = "ran out of memory at batch size 1" if is_out_of_memory(error) else "failed"
         result.notices.append(
-            f"{self.device} {reason} ({_first_line(error)}); continuing on the CPU; {kept}"
+            f"{self.device} {reason} ({first_line(error)}); continuing on the CPU; {kept}"
         )
         self.move_to(torch.device("cpu"))
         result.stats.device = f"cpu (after {result.stats.device})"
@@ -310,39 +320,35 @@ class Segmenter:
         """Launch batch k + 1 before collecting batch k (pays off where the device is async)."""
         return self.device.type == "cuda"
 
-    def _encode(
-        self,
-        inputs: torch.Tensor,
-        keys: list[tuple] | None,
-        fill_cache: bool,
-        first_gate: float | None,
-    ) -> tuple[EncodedSlices, list[bool], int]:
-        """Encoder features for a batch, from the cache where present (keys None: no cache in
-        play); which slices were hits; FLOPs spent on caching layer 1.
+    def _flops(self, table: dict, box: Letterbox, count) -> int:
+        size = (box.model_height, box.model_width)
+        if size not in table:
+            table[size] = count(*size)
+        return table[size]
 
-        When filling the cache, each slice also keeps layer 1's output for every token at
-        `first_gate`, so that later threshold changes skip layer 1 too.
-        """
-        if keys is None:  # no cache in play
-            return self.model.encode(inputs), [False] * len(inputs), 0
+    def _encode(
+        self, inputs: torch.Tensor, keys: list[tuple] | None, fill_cache: bool, settings: dict
+    ) -> tuple[object, list[bool], int]:
+        """Encoded slices for a batch, from the cache where present (keys None: no cache in
+        play); which slices were hits; FLOPs spent preparing cache entries."""
+        model: CachedSplit = self.model  # type: ignore[assignment]
+        if keys is None:
+            return model.encode(inputs), [False] * len(inputs), 0
         found = [self.encoder_cache.get(key) for key in keys]
         hits = [item is not None for item in found]
         missing = [k for k, item in enumerate(found) if item is None]
         if missing:
-            fresh = self.model.encode(inputs if len(missing) == len(found) else inputs[missing])
+            fresh = model.encode(inputs if len(missing) == len(found) else inputs[missing])
             if not fill_cache and len(missing) == len(found):
                 return fresh, hits, 0
             for j, k in enumerate(missing):
                 found[k] = fresh.select([j])  # a copy: the batch tensors are not kept alive
-        first_layer_spent = 0
+        spent = 0
         if fill_cache:
             for key, item in zip(keys, found, strict=True):
-                stale = item.first_layer is None or item.first_layer.gate != first_gate
-                if first_gate is not None and stale:
-                    self.model.add_first_layer(item, first_gate)
-                    first_layer_spent += self._first_layer_flops
+                spent += model.prepare_cache(item, **settings)
                 self.encoder_cache.put(key, item, item.nbytes())
-        return EncodedSlices.cat(found), hits, first_layer_spent  # type: ignore[arg-type]
+        return type(found[0]).cat(found), hits, spent
 
     def _launch(
         self,
@@ -358,24 +364,29 @@ class Segmenter:
         host, slot = self.staging.buffer((len(batch), image.in_channels, box.height, box.width))
         for j, index in enumerate(batch):
             host[j] = torch.from_numpy(image.slice_input(index))
+        split = isinstance(self.model, CachedSplit)
         # Keyed by the slice itself, before it goes to the device. Hashing costs about 1 ms
         # per 512 x 512 slice, so it is skipped when there is nothing to find or to keep.
         keys: list[tuple] | None = None
-        if fill_cache or len(self.encoder_cache):
+        if split and (fill_cache or len(self.encoder_cache)):
             place = (self._weights_key, str(self.device), box)
             keys = [(*place, blake2b(row.numpy(), digest_size=16).digest()) for row in host]
         pixels = self.staging.send(host, slot)
         inputs = box.to_model(pixels)
+        want_attention = any(i in watched for i in batch)
+        hits, spent = [False] * len(batch), 0
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            encoded, hits, first_layer_spent = self._encode(
-                inputs, keys, fill_cache, result.gates[0]
-            )
-            keep_inputs = any(i in watched for i in batch)
-            out = self.model.decode(
-                encoded, result.token_threshold, result.gates, keep_inputs=keep_inputs
-            )
+            if split:
+                encoded, hits, spent = self._encode(inputs, keys, fill_cache, result.settings)
+                out = self.model.decode(encoded, want_attention, **result.settings)
+                encode_flops = self._flops(self._encode_flops, box, self.model.encode_flops)
+                extra = [0 if hit else encode_flops for hit in hits]
+            else:
+                out = self.model.predict(inputs, want_attention, **result.settings)
+                extra = [0] * len(batch)
+        flops = [int(f) + e for f, e in zip(_per_image_flops(out, len(batch)), extra, strict=True)]
+        flops[0] += spent
         logits = box.to_image(out.logits.float())
-        per_layer = torch.stack([t.kept_dependency_fraction for t in out.layers])  # (L, B, H, N)
 
         def to_host(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to("cpu", non_blocking=self.staging.pinned)
@@ -383,22 +394,20 @@ class Segmenter:
         launched = _Launched(
             batch=batch,
             hits=hits,
-            first_layer_spent=first_layer_spent,
-            first_layer_reused=out.first_layer_reused,
-            labels=to_host(logits.argmax(dim=1).to(torch.uint8)),
+            flops=flops,
+            labels=to_host(logits.argmax(dim=1).to(_label_tensor_dtype(self.model.n_classes))),
             probabilities=(
                 to_host(torch.softmax(logits, dim=1)) if result.probabilities is not None else None
             ),
-            keep=to_host(out.keep),
-            background=to_host(torch.softmax(out.token_logits.float(), dim=1)[:, BACKGROUND]),
-            dependency_map=to_host(per_layer.float().mean(dim=(0, 2))),
-            kept_dependencies=to_host(out.kept_dependencies),
-            depth=per_layer.shape[0],
-            heads=per_layer.shape[2],
-            layer_inputs={
-                index: [to_host(t.layer_input[j].float()) for t in out.layers]
+            maps={
+                name: to_host(m.float() if m.is_floating_point() else m)
+                for name, m in out.maps.items()
+            },
+            counters={name: to_host(c) for name, c in out.counters.items()},
+            attention={
+                index: [to_host(t.float()) for t in out.attention[j]]
                 for j, index in enumerate(batch)
-                if index in watched
+                if index in watched and out.attention is not None
             },
         )
         if self.staging.pinned:  # copies to the host are asynchronous: mark their end
@@ -427,49 +436,57 @@ class Segmenter:
                 else result.probabilities[:, None]
             )
         stats = result.stats
-        stats.flops += launched.first_layer_spent
-        depth, heads = launched.depth, launched.heads
+        reference = self._flops(self._reference_flops, image.letterbox, self.model.reference_flops)
         for j, index in enumerate(launched.batch):
             k = position[index]
             labels[index if image.is_volume else 0] = launched.labels[j].numpy()
             if probs_out is not None:
                 probs_out[:, index if image.is_volume else 0] = launched.probabilities[j].numpy()
-            result.keep[k] = launched.keep[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
-            result.background_probability[k] = launched.background[j].numpy()
-            result.kept_dependency_fraction[k] = (
-                launched.dependency_map[j].view(TOKEN_GRID, TOKEN_GRID).numpy()
-            )
-            kept = int(launched.keep[j].sum())
+            for name, values in launched.maps.items():
+                result.maps[name][k] = values[j].numpy()
+            for name, pair in launched.counters.items():
+                stats.add(name, int(pair[j, 0]), int(pair[j, 1]))
             stats.slices += 1
-            stats.kept_tokens += kept
-            stats.kept_dependencies += int(launched.kept_dependencies[j])
-            stats.possible_dependencies += depth * heads * kept * TOKENS
-            stats.flops += decoder_flops(self.model, kept, launched.first_layer_reused)
-            stats.flops += 0 if launched.hits[j] else self._encoder_flops
-            stats.flops_unpruned += self._unpruned_flops
+            stats.flops += launched.flops[j]
+            stats.flops_unpruned += reference
             stats.encoder_cache_hits += int(launched.hits[j])
-        result.layer_inputs.update(launched.layer_inputs)
+        result.attention_states.update(launched.attention)
 
     def attention(
         self, result: SegmentationResult, slice_index: int, token: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(layers, heads, 32, 32) attention of query `token` after and before dependency
-        pruning, for a slice run with attention_slices; zeros if the token was pruned there."""
-        inputs = result.layer_inputs.get(slice_index)
-        if inputs is None:
+        """(layers, heads, rows, cols) attention of query `token` after and before pruning,
+        for a slice run with attention_slices; zeros where the query was pruned."""
+        state = result.attention_states.get(slice_index)
+        if state is None or not isinstance(self.model, QueryAttention):
             raise ValueError(f"slice {slice_index} was not run with attention_slices")
-        grid = (len(inputs), -1, TOKEN_GRID, TOKEN_GRID)
+        box = result.letterbox
+        rows, cols, _ = self.model.attention_grid(box.model_height, box.model_width)
+        layers, heads = self.model.attention_shape()
         k = result.slices.index(slice_index)
-        if not result.keep[k].ravel()[token]:
-            heads = self.model.trans4.attention_layers[0].heads
-            empty = np.zeros((len(inputs), heads, TOKEN_GRID, TOKEN_GRID), np.float32)
+        keep = result.maps.get("keep")
+        if keep is not None and not keep[k].ravel()[token]:
+            empty = np.zeros((layers, heads, rows, cols), np.float32)
             return empty, empty.copy()
         with torch.inference_mode():
-            layer_inputs = [x[None].to(self.device) for x in inputs]
-            records = self.model.attention_rows(layer_inputs, [token], result.gates)
-        after = torch.stack([r.attention[0, :, 0] for r in records]).float().cpu().numpy()
-        before = torch.stack([r.attention_before[0, :, 0] for r in records]).float().cpu()
-        return after.reshape(grid), before.numpy().reshape(grid)
+            moved = [x.to(self.device) for x in state]  # type: ignore[attr-defined]
+            after, before = self.model.query_attention(moved, token, **result.settings)
+        shape = (layers, heads, rows, cols)
+        return (
+            after.float().cpu().numpy().reshape(shape),
+            before.float().cpu().numpy().reshape(shape),
+        )
+
+
+def _per_image_flops(out: Prediction, batch: int) -> list[int]:
+    if out.flops is None:
+        return [0] * batch
+    return [int(f) for f in out.flops.tolist()]
+
+
+def _label_tensor_dtype(n_classes: int) -> torch.dtype:
+    """The smallest integer type that holds every class (argmax is int64)."""
+    return torch.uint8 if n_classes <= 256 else torch.int32
 
 
 @dataclass
@@ -478,24 +495,14 @@ class _Launched:
 
     batch: list[int]
     hits: list[bool]
-    first_layer_spent: int
-    first_layer_reused: bool
-    labels: torch.Tensor  # (B, H, W) uint8
+    flops: list[int]  # per slice: what this run spent on it
+    labels: torch.Tensor  # (B, H, W)
     probabilities: torch.Tensor | None  # (B, K, H, W)
-    keep: torch.Tensor  # (B, N) bool
-    background: torch.Tensor  # (B, 32, 32)
-    dependency_map: torch.Tensor  # (B, N)
-    kept_dependencies: torch.Tensor  # (B,)
-    depth: int
-    heads: int
-    layer_inputs: dict[int, list[torch.Tensor]]
+    maps: dict[str, torch.Tensor]  # name -> (B, rows, cols)
+    counters: dict[str, torch.Tensor]  # name -> (B, 2)
+    attention: dict[int, list[torch.Tensor]]
     ready: torch.cuda.Event | None = None
 
 
 def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[k : k + size]) for k in range(0, len(items), size)]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

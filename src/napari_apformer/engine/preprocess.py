@@ -1,7 +1,9 @@
 """From a user's array to model inputs and back: checks, normalisation, letterboxing.
 
-A slice of any size is resized to fit 256 x 256 with its physical aspect ratio kept and padded
-(centred); model outputs are cropped and resized back so that the image's extent maps onto
+For a model of fixed input size (APFormer: 256 x 256) a slice of any size is resized to fit it
+with its physical aspect ratio kept and padded (centred); for a model that takes multiples of
+N, a slice keeps its pixels (resampled only to square pixels) and is padded up to the next
+multiple. Model outputs are cropped and resized back so that the image's extent maps onto
 itself exactly (pixel edges to pixel edges, align_corners=False both ways).
 """
 
@@ -16,17 +18,18 @@ import torch.nn.functional as F
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.image_file import spatial_ndim
-from napari_apformer.model.apformer import INPUT_SIZE, PATCH, TOKEN_GRID
+from napari_apformer.model.base import InputRule
 from napari_apformer.model.card import Normalisation
 
 MIN_SIDE = 8
 PERCENTILE_SAMPLE = 2**20  # voxels sampled (on a regular grid) to estimate percentiles
 LUMINANCE = (0.299, 0.587, 0.114)
+FIXED_256 = InputRule(size=256)
 
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where an H x W slice sits inside the 256 x 256 model input."""
+    """Where an H x W slice sits inside the model input of model_height x model_width."""
 
     height: int
     width: int
@@ -34,36 +37,52 @@ class Letterbox:
     inner_width: int
     top: int
     left: int
+    model_height: int
+    model_width: int
 
     @staticmethod
-    def fit(height: int, width: int, spacing: tuple[float, float] = (1.0, 1.0)) -> Letterbox:
+    def fit(
+        height: int,
+        width: int,
+        spacing: tuple[float, float] = (1.0, 1.0),
+        rule: InputRule = FIXED_256,
+    ) -> Letterbox:
         extent_y, extent_x = height * spacing[0], width * spacing[1]
         longest = max(extent_y, extent_x)
-        inner_h = max(1, min(INPUT_SIZE, round(INPUT_SIZE * extent_y / longest)))
-        inner_w = max(1, min(INPUT_SIZE, round(INPUT_SIZE * extent_x / longest)))
+        if rule.size is not None:
+            target_h = target_w = rule.size
+            side = rule.size
+        else:  # keep the longer side's pixel count, square the pixels, pad to the multiple
+            side = max(height, width)
+            target_h = _round_up(round(side * extent_y / longest), rule.multiple)
+            target_w = _round_up(round(side * extent_x / longest), rule.multiple)
+        inner_h = max(1, min(target_h, round(side * extent_y / longest)))
+        inner_w = max(1, min(target_w, round(side * extent_x / longest)))
         return Letterbox(
             height,
             width,
             inner_h,
             inner_w,
-            (INPUT_SIZE - inner_h) // 2,
-            (INPUT_SIZE - inner_w) // 2,
+            (target_h - inner_h) // 2,
+            (target_w - inner_w) // 2,
+            target_h,
+            target_w,
         )
 
     def to_model(self, slices: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] to (B, C, 256, 256), zero padded."""
+        """(B, C, H, W) in [0, 1] to (B, C, model_height, model_width), zero padded."""
         size = (self.inner_height, self.inner_width)
         if size != (self.height, self.width):
             shrink = self.inner_height < self.height or self.inner_width < self.width
             slices = F.interpolate(
                 slices, size=size, mode="bilinear", align_corners=False, antialias=shrink
             )
-        bottom = INPUT_SIZE - self.top - self.inner_height
-        right = INPUT_SIZE - self.left - self.inner_width
+        bottom = self.model_height - self.top - self.inner_height
+        right = self.model_width - self.left - self.inner_width
         return F.pad(slices, (self.left, right, self.top, bottom))
 
     def to_image(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, K, 256, 256) maps (logits) to (B, K, H, W) on the slice's own grid."""
+        """(B, K, model_height, model_width) maps (logits) to (B, K, H, W) on the slice's grid."""
         inner = maps[
             ..., self.top : self.top + self.inner_height, self.left : self.left + self.inner_width
         ]
@@ -73,35 +92,42 @@ class Letterbox:
             inner, size=(self.height, self.width), mode="bilinear", align_corners=False
         )
 
-    @property
-    def token_scale(self) -> tuple[float, float]:
-        """Size of one token in slice pixels (rows, columns)."""
-        return (PATCH * self.height / self.inner_height, PATCH * self.width / self.inner_width)
+    def grid_shape(self, stride: int) -> tuple[int, int]:
+        """Rows and columns of a map whose cells are stride x stride model pixels."""
+        return self.model_height // stride, self.model_width // stride
 
-    @property
-    def token_translate(self) -> tuple[float, float]:
-        """Centre of token (0, 0) in slice pixel coordinates (pixel centres at integers)."""
+    def grid_scale(self, stride: int) -> tuple[float, float]:
+        """Size of one grid cell in slice pixels (rows, columns)."""
+        return (stride * self.height / self.inner_height, stride * self.width / self.inner_width)
+
+    def grid_translate(self, stride: int) -> tuple[float, float]:
+        """Centre of cell (0, 0) in slice pixel coordinates (pixel centres at integers)."""
         sy, sx = self.height / self.inner_height, self.width / self.inner_width
-        return ((PATCH / 2 - self.top) * sy - 0.5, (PATCH / 2 - self.left) * sx - 0.5)
+        return ((stride / 2 - self.top) * sy - 0.5, (stride / 2 - self.left) * sx - 0.5)
 
-    def token_grid_to_image(self, grid: np.ndarray) -> np.ndarray:
-        """(..., 32, 32) token values to (..., H, W): each pixel takes the token it lies in."""
-        rows = self._token_of(self.height, self.inner_height, self.top)
-        cols = self._token_of(self.width, self.inner_width, self.left)
+    def grid_to_image(self, grid: np.ndarray, stride: int) -> np.ndarray:
+        """(..., rows, cols) cell values to (..., H, W): each pixel takes the cell it lies in."""
+        rows = _cell_of(self.height, self.inner_height, self.top, stride, grid.shape[-2])
+        cols = _cell_of(self.width, self.inner_width, self.left, stride, grid.shape[-1])
         return grid[..., rows[:, None], cols[None, :]]
 
-    def token_index(self, row: float, col: float) -> int:
-        """Index (0..1023, row-major) of the token that slice pixel (row, col) lies in."""
-        r = self._token_of(self.height, self.inner_height, self.top)
-        c = self._token_of(self.width, self.inner_width, self.left)
+    def grid_index(self, row: float, col: float, stride: int) -> int:
+        """Row-major index of the cell that slice pixel (row, col) lies in."""
+        n_rows, n_cols = self.grid_shape(stride)
+        r = _cell_of(self.height, self.inner_height, self.top, stride, n_rows)
+        c = _cell_of(self.width, self.inner_width, self.left, stride, n_cols)
         row_i = int(np.clip(round(row), 0, self.height - 1))
         col_i = int(np.clip(round(col), 0, self.width - 1))
-        return int(r[row_i]) * TOKEN_GRID + int(c[col_i])
+        return int(r[row_i]) * n_cols + int(c[col_i])
 
-    @staticmethod
-    def _token_of(size: int, inner: int, offset: int) -> np.ndarray:
-        centres = (np.arange(size) + 0.5) * inner / size + offset  # in model pixels
-        return np.clip(np.floor(centres / PATCH).astype(np.intp), 0, TOKEN_GRID - 1)
+
+def _cell_of(size: int, inner: int, offset: int, stride: int, cells: int) -> np.ndarray:
+    centres = (np.arange(size) + 0.5) * inner / size + offset  # in model pixels
+    return np.clip(np.floor(centres / stride).astype(np.intp), 0, cells - 1)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
 
 
 @dataclass
@@ -161,6 +187,7 @@ def prepare_image(
     *,
     in_channels: int,
     normalisation: Normalisation,
+    rule: InputRule,
     rgb: bool = False,
     axis: int = 0,
     spacing: tuple[float, ...] | None = None,
@@ -199,7 +226,7 @@ def prepare_image(
         plane_spacing = (abs(float(spacing[plane[0]])), abs(float(spacing[plane[1]])))
         if not all(math.isfinite(s) and s > 0 for s in plane_spacing):
             plane_spacing = (1.0, 1.0)
-    letterbox = Letterbox.fit(height, width, plane_spacing)
+    letterbox = Letterbox.fit(height, width, plane_spacing, rule)
     return PreparedImage(data, rgb, axis, low, high, in_channels, letterbox, source)
 
 

@@ -1,4 +1,10 @@
-"""The model card: what a weights file is for and how to feed it (JSON beside the tensors)."""
+"""The model card: what a weights file is for, how to build and feed it (JSON beside the
+tensors).
+
+Version 2 records the architecture ({family, variant, sizes}: every size needed to build the
+network) and the defaults of the family's run-time settings. Version 1 cards (APFormer only,
+`token_threshold` and `gates` at the top level) are read as APFormer with the release's sizes.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from typing import Any
 
 from napari_apformer.errors import InputError
 
-CARD_VERSION = 1
+CARD_VERSION = 2
 DEFAULT_COLOURS = [
     "#000000",
     "#e6194b",
@@ -56,8 +62,9 @@ class ModelCard:
     in_channels: int
     classes: list[ClassInfo]
     normalisation: Normalisation = field(default_factory=Normalisation)
-    token_threshold: float = 0.9
-    gates: list[float] = field(default_factory=lambda: [-2.0] * 4)
+    # {family, variant, sizes}; empty: read from the tensors (foreign checkpoints)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # defaults of run-time settings
     placeholder: bool = False  # randomly initialised weights: results mean nothing
     sha256: str | None = None  # of the safetensors file, checked on load
     description: str = ""
@@ -95,12 +102,24 @@ class ModelCard:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 
+    @property
+    def family(self) -> str | None:
+        return self.architecture.get("family")
+
     @staticmethod
     def from_json(text: str, source: object) -> ModelCard:
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            if raw.get("card_version") == 1:
+                raw = _from_version_1(raw)
             if raw.get("card_version") != CARD_VERSION:
-                raise ValueError(f"card_version {raw.get('card_version')!r} is not {CARD_VERSION}")
+                raise ValueError(f"card_version {raw.get('card_version')!r} is not 1 or 2")
+            if not isinstance(raw.get("architecture", {}), dict) or not isinstance(
+                raw.get("settings", {}), dict
+            ):
+                raise ValueError("architecture and settings must be objects")
             raw["classes"] = [ClassInfo(**c) for c in raw["classes"]]
             raw["normalisation"] = Normalisation(**raw["normalisation"])
             card = ModelCard(**raw)
@@ -118,3 +137,17 @@ class ModelCard:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read the model card ({error})", path) from None
         return ModelCard.from_json(text, path)
+
+
+def _from_version_1(raw: dict) -> dict:
+    """A version 1 card (APFormer with the release's sizes) in version 2's terms."""
+    raw = dict(raw)
+    settings = {}
+    if "token_threshold" in raw:
+        settings["token_threshold"] = raw.pop("token_threshold")
+    if "gates" in raw:
+        settings["gate"] = raw.pop("gates")
+    raw["settings"] = settings
+    raw["architecture"] = {"family": "apformer", "variant": "default"}
+    raw["card_version"] = CARD_VERSION
+    return raw

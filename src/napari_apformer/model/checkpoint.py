@@ -1,8 +1,9 @@
 """Loading and saving weights without ever running code from a file.
 
-Ours: `<name>.safetensors` + `<name>.json` (the model card, with the file's SHA-256).
-The authors': a plain state_dict in a `.pth`/`.pt`, read with torch.load(weights_only=True).
-Both use the release's parameter names, so one model class serves both.
+Ours: `<name>.safetensors` + `<name>.json` (the model card, with the file's SHA-256 and the
+architecture). The authors': a plain state_dict in a `.pth`/`.pt`, read with
+torch.load(weights_only=True); its family is recognised from its keys (each family says how)
+and its sizes from the tensor shapes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from napari_apformer.errors import InputError
-from napari_apformer.model.apformer import APFormer
+from napari_apformer.model.base import SegmentationModel, build_model, families
 from napari_apformer.model.card import ModelCard
 
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt")
@@ -35,11 +36,12 @@ def sha256_of(path: Path) -> str:
 
 def load_model(
     path_or_state_dict: str | Path | Mapping[str, torch.Tensor], device: str | torch.device = "cpu"
-) -> APFormer:
-    """An APFormer in eval mode on `device`, with its model card as `model.card`.
+) -> SegmentationModel:
+    """A model in eval mode on `device`, with its model card as `model.card`.
 
-    Accepts our `.safetensors` (the card is read from the `.json` beside it), an authors'
-    `.pth`/`.pt` state_dict, or a state_dict itself. Raises InputError naming the source.
+    Accepts our `.safetensors` (the card is read from the `.json` beside it), a release's
+    `.pth`/`.pt` state_dict, or a state_dict itself. The family and sizes come from the card,
+    or else from the tensors. Raises InputError naming the source.
     """
     if isinstance(path_or_state_dict, Mapping):
         state, card, source = dict(path_or_state_dict), None, "state_dict"
@@ -47,14 +49,13 @@ def load_model(
         path = Path(path_or_state_dict)
         state, card = read_weights(path)
         source = path
-    model = model_from_state_dict(state, source)
+    model = model_from_state_dict(state, source, card)
     if card is None:
         card = ModelCard.generic(str(source), model.in_channels, model.n_classes)
+    card.architecture = model.architecture()
     check_card_fits(card, model, source)
     model.card = card
-    model.default_token_threshold = card.token_threshold
-    for layer, gate in zip(model.trans4.attention_layers, card.gates, strict=True):
-        layer.gate.data.fill_(gate)
+    model.set_defaults(model.resolve_settings(card.settings, source))
     return model.to(device).eval()
 
 
@@ -102,16 +103,23 @@ def read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_from_state_dict(state: dict[str, torch.Tensor], source: object) -> APFormer:
-    """Build the architecture the tensors describe (input channels and classes) and fill it."""
+def model_from_state_dict(
+    state: dict[str, torch.Tensor], source: object, card: ModelCard | None = None
+) -> SegmentationModel:
+    """Build the architecture the card records (else the one the tensors describe) and fill
+    it strictly: every tensor present, of the right shape, finite."""
+    architecture = _architecture(state, source, card)
     try:
-        in_channels = state["inc.double_conv.0.weight"].shape[1]
-        n_classes = state["outc.conv.weight"].shape[0]
-    except (KeyError, IndexError):
-        raise InputError(
-            "not APFormer weights: the first or last convolution is missing", source
-        ) from None
-    model = APFormer(in_channels, n_classes)
+        model = build_model(
+            architecture["family"],
+            int(architecture["in_channels"]),
+            int(architecture["n_classes"]),
+            architecture.get("variant"),
+            architecture.get("sizes"),
+        )
+    except InputError as error:
+        raise InputError(error.problem, source) from None
+    state = model.to_our_names(state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -119,8 +127,10 @@ def model_from_state_dict(state: dict[str, torch.Tensor], source: object) -> APF
         detail = (f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "") + (
             f" {len(unexpected)} unexpected (e.g. {unexpected[:2]})" if unexpected else ""
         )
-        raise InputError(f"not APFormer weights: {detail.strip()}", source)
+        raise InputError(f"not {model.family} weights of these sizes: {detail.strip()}", source)
     for key, tensor in state.items():
+        if tensor.layout != torch.strided or tensor.device.type != "cpu":
+            raise InputError(f"{key} is not a plain CPU tensor ({tensor.layout}, {tensor.device})")
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise InputError(
                 f"wrong shape for {key}: {tuple(tensor.shape)}, expected "
@@ -135,23 +145,52 @@ def model_from_state_dict(state: dict[str, torch.Tensor], source: object) -> APF
     return model
 
 
-def check_card_fits(card: ModelCard, model: APFormer, source: object) -> None:
+def _architecture(state: dict[str, torch.Tensor], source: object, card: ModelCard | None) -> dict:
+    """{family, in_channels, n_classes, variant, sizes}: from the card where it says, the
+    rest from the tensors (asking each registered family whether it recognises them)."""
+    recorded = dict(card.architecture) if card is not None else {}
+    known = families()
+    candidates = [known[recorded["family"]]] if recorded.get("family") in known else known.values()
+    if recorded.get("family") and recorded["family"] not in known:
+        raise InputError(
+            f"the model card names family {recorded['family']!r}; known families: "
+            f"{', '.join(sorted(known))}",
+            source,
+        )
+    found = None
+    for cls in candidates:
+        found = cls.recognise(cls.to_our_names(state))
+        if found is not None:
+            found["family"] = cls.family
+            break
+    if found is None:
+        raise InputError(
+            f"the tensors are not weights of any known model family ({', '.join(sorted(known))})",
+            source,
+        )
+    if recorded.get("sizes"):
+        found["sizes"] = recorded["sizes"]
+    if recorded.get("variant"):
+        found["variant"] = recorded["variant"]
+    return found
+
+
+def check_card_fits(card: ModelCard, model: SegmentationModel, source: object) -> None:
     if card.in_channels != model.in_channels or card.n_classes != model.n_classes:
         raise InputError(
             f"model card says {card.in_channels} channels and {card.n_classes} classes, the "
             f"tensors have {model.in_channels} and {model.n_classes}",
             source,
         )
-    if len(card.gates) != model.depth:
-        raise InputError(
-            f"model card has {len(card.gates)} gates, the model {model.depth} layers", source
-        )
 
 
-def save_weights(model: APFormer, card: ModelCard, path: Path) -> None:
-    """Write `<path>.safetensors` and its card `<path>.json`, recording the file's SHA-256."""
+def save_weights(model: SegmentationModel, card: ModelCard, path: Path) -> None:
+    """Write `<path>.safetensors` and its card `<path>.json`, recording the file's SHA-256,
+    the architecture and the model's current setting defaults."""
     path = path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     card.sha256 = sha256_of(path)
+    card.architecture = model.architecture()
+    card.settings = {**card.settings, **model.defaults()}
     path.with_suffix(".json").write_text(card.to_json(), encoding="utf-8")

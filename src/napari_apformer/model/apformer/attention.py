@@ -1,8 +1,9 @@
 """The transformer stage of APFormer: GRPE attention with query-wise and dependency-wise pruning.
 
 Parameter names follow the authors' release so that their state_dicts load unchanged.
-Shapes: B batch, N tokens (32 x 32 = 1024), C width (128), H heads (6), D head width (128),
-n kept queries of an image (padded to the largest n of the batch).
+Shapes: B batch, N tokens (32 x 32 = 1024 in the release), C width (128), H heads (6 in the
+release; each layer may have its own), D head width (128), n kept queries of an image (padded
+to the largest n of the batch).
 """
 
 from __future__ import annotations
@@ -138,10 +139,14 @@ def prune_dependencies(
 class PruningAttention(nn.Module):
     """Multi-head attention with Gaussian-prior relative position bias and adaptive pruning."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, grid: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, grid: int, dropout: float, scale: float
+    ) -> None:
+        """scale: the softmax scale, 1 / sqrt(dim_head) of the network as first trained (a
+        compressed layer keeps its original scale)."""
         super().__init__()
         inner = heads * dim_head
-        self.heads, self.dim_head, self.scale = heads, dim_head, dim_head**-0.5
+        self.heads, self.dim_head, self.scale = heads, dim_head, scale
         self.headsita = nn.Parameter(0.1 * torch.arange(1, heads + 1, dtype=torch.float32))
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2, heads))
         self.gate = nn.Parameter(torch.tensor(DEFAULT_GATE), requires_grad=False)
@@ -309,21 +314,32 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-class Transformer(nn.Module):
-    """Pre-norm layers: x += Attn(LN(x)); x += FFN(LN(x))."""
+@dataclass(frozen=True)
+class LayerSizes:
+    """One transformer layer's sizes: heads, head width, MLP width, softmax scale."""
 
-    def __init__(
-        self, dim: int, depth: int, heads: int, dim_head: int, mlp: int, grid: int, dropout: float
-    ) -> None:
+    heads: int
+    dim_head: int
+    mlp: int
+    scale: float
+
+
+class Transformer(nn.Module):
+    """Pre-norm layers: x += Attn(LN(x)); x += FFN(LN(x)); each layer with its own sizes."""
+
+    def __init__(self, dim: int, layers: Sequence[LayerSizes], grid: int, dropout: float) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    PreNorm(dim, PruningAttention(dim, heads, dim_head, grid, dropout)),
-                    PreNorm(dim, FeedForward(dim, mlp, dropout)),
+                    PreNorm(
+                        dim,
+                        PruningAttention(dim, s.heads, s.dim_head, grid, dropout, s.scale),
+                    ),
+                    PreNorm(dim, FeedForward(dim, s.mlp, dropout)),
                 ]
             )
-            for _ in range(depth)
+            for s in layers
         )
 
 
@@ -357,21 +373,14 @@ class PruningTransformer(nn.Module):
     """trans4 of the release: pruning head, token embedding and the pruned transformer."""
 
     def __init__(
-        self,
-        channels: int = 128,
-        grid: int = 32,
-        depth: int = 4,
-        heads: int = 6,
-        dim_head: int = 128,
-        mlp: int = 512,
-        dropout: float = 0.1,
+        self, channels: int, grid: int, layers: Sequence[LayerSizes], dropout: float = 0.1
     ) -> None:
         super().__init__()
         self.grid = grid
         self.pred_class = nn.Conv2d(channels, 2, kernel_size=1)
         self.to_patch_embedding = nn.Sequential(PatchTokens(), nn.Linear(channels, channels))
         self.dropout = nn.Dropout(dropout)
-        self.transformer = Transformer(channels, depth, heads, dim_head, mlp, grid, dropout)
+        self.transformer = Transformer(channels, layers, grid, dropout)
 
     @property
     def attention_layers(self) -> list[PruningAttention]:

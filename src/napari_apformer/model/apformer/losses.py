@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from napari_apformer.model.apformer import PATCH, ModelOutput
+from napari_apformer.model.apformer.network import PATCH, ModelOutput
 
 SEGMENTATION_WEIGHT, SSA_WEIGHT, HEAD_WEIGHT = 0.8, 0.1, 0.1
 
