@@ -17,6 +17,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import nibabel as nib
 import numpy as np
+import tifffile
+from PIL import Image
 
 CORPUS = Path(__file__).parent / "data" / "bad"
 RAS_1MM = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -106,6 +108,79 @@ def permuted(path: Path) -> None:
     nib.save(_nifti(_head(), affine), path)
 
 
+def rewrite_header(path: Path, **fields) -> None:
+    """Store NIfTI-1 header fields as given, past nibabel's checks on saving (hostile values)."""
+    compressed = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
+    header = nib.Nifti1Header(bytes(raw[:348]), check=False)
+    for name, value in fields.items():
+        header[name] = value
+    raw[:348] = header.binaryblock
+    path.write_bytes(gzip.compress(bytes(raw), mtime=0) if compressed else bytes(raw))
+
+
+def bgzip(path: Path) -> None:
+    """Many gzip members, the last one empty, as bgzip (htslib) writes them."""
+    full = path.with_name("full.nii")
+    nib.save(_nifti(_head()), full)
+    raw = full.read_bytes()
+    full.unlink()
+    blocks = [raw[i : i + 16384] for i in range(0, len(raw), 16384)] + [b""]
+    path.write_bytes(b"".join(gzip.compress(block, mtime=0) for block in blocks))
+
+
+def zero_padded(path: Path) -> None:
+    nib.save(_nifti(_head()), path)
+    path.write_bytes(path.read_bytes() + b"\0" * 4096)
+
+
+def nan_sform_no_qform(path: Path) -> None:
+    image = _nifti(_head())
+    image.set_qform(RAS_1MM, 0)
+    nib.save(image, path)
+    rewrite_header(path, srow_x=[np.nan] * 4)
+
+
+def nan_pixdim(path: Path) -> None:
+    nib.save(_nifti(_head()), path)
+    rewrite_header(path, pixdim=[1.0, np.nan, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def complex_voxels(path: Path) -> None:
+    nib.save(_nifti(_head().astype(np.complex64)), path)
+
+
+def beyond_float32(path: Path) -> None:
+    """int16 voxels up to 100 with a scale slope of 1e38: up to 1e40 once scaled."""
+    image = _nifti((_head() / 10).astype(np.int16))
+    nib.save(image, path)
+    rewrite_header(path, scl_slope=1e38, scl_inter=0.0)
+
+
+def huge_extensions(path: Path) -> None:
+    """65 MiB of header extension (300 kB compressed) before 24 x 28 x 20 voxels."""
+    image = _nifti(_head())
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", bytes(65 * 2**20)))
+    nib.save(image, path)
+
+
+def planar_rgb(path: Path) -> None:
+    grey = (_head((40, 56, 1))[..., 0] / 4).astype(np.uint8)
+    planes = np.stack([grey, grey // 2, grey])
+    tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate")
+
+
+def mixed_pages(path: Path) -> None:
+    with tifffile.TiffWriter(path) as tif:
+        tif.write((_head((40, 56, 1))[..., 0] / 4).astype(np.uint8))
+        tif.write(np.zeros((16, 16), np.uint8))
+
+
+def cmyk_jpeg(path: Path) -> None:
+    grey = (_head((40, 56, 1))[..., 0] / 4).astype(np.uint8)
+    Image.fromarray(np.stack([grey, grey // 2, grey], axis=-1)).convert("CMYK").save(path)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -130,6 +205,16 @@ CASES = (
     Case("text_file.png", text_as_png, "reject", "not a readable PNG image"),
     Case("sheared.nii.gz", sheared, "accept", "labels keep the sheared affine"),
     Case("permuted.nii.gz", permuted, "accept", "labels keep the permuted affine"),
+    Case("bgzip.nii.gz", bgzip, "accept", "multi-member gzip read in full"),
+    Case("zero_padded.nii.gz", zero_padded, "accept", "gzip with trailing zeros read"),
+    Case("nan_sform.nii.gz", nan_sform_no_qform, "reject", "no usable voxel-to-world transform"),
+    Case("nan_pixdim.nii.gz", nan_pixdim, "reject", "voxel sizes (pixdim) nan x 1 x 1"),
+    Case("complex.nii.gz", complex_voxels, "reject", "unsupported voxel type complex64"),
+    Case("slope_1e38.nii.gz", beyond_float32, "reject", "beyond the float32 range"),
+    Case("huge_extensions.nii.gz", huge_extensions, "reject", "header extensions of 65 MiB"),
+    Case("planar_rgb.tif", planar_rgb, "accept", "one colour image, not 3 slices"),
+    Case("mixed_pages.tif", mixed_pages, "reject", "2 images of different sizes"),
+    Case("cmyk.jpg", cmyk_jpeg, "accept", "CMYK converted to RGB, not inverted"),
 )
 
 

@@ -16,6 +16,7 @@ from napari_apformer.io.nifti import read_nifti, write_nifti_labels
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 READABLE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES
+MAX_CLASS_VALUE = 2**32 - 1  # the largest label value a sidecar may name
 
 
 def is_readable_name(path: Path) -> bool:
@@ -56,14 +57,35 @@ def write_class_table(labels_path: Path, table: dict) -> None:
 
 
 def read_class_table(labels_path: Path) -> list[dict] | None:
-    """The class names and colours beside a label file, or None when there are none (or the
-    sidecar is not ours: a label file must open even when its sidecar is odd)."""
+    """The class names and colours beside a label file; None when there is no sidecar or it
+    is not ours (no "labels" list: a BIDS sidecar, say). InputError naming the sidecar when
+    it is ours but unusable (bad JSON, nesting too deep, values such as 1e999), so that the
+    caller can warn and open the labels without it."""
     path = class_table_path(labels_path)
-    try:
-        entries = json.loads(path.read_text("utf-8"))["labels"]
-        return [
-            {"value": int(e["value"]), "name": str(e["name"]), "colour": str(e["colour"])}
-            for e in entries
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not path.is_file():
         return None
+    try:
+        table = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        detail = (
+            "nested too deeply"
+            if isinstance(error, RecursionError)
+            else " ".join(str(error).split())[:200]
+        )
+        raise InputError(f"not a readable JSON class table ({detail})", path) from None
+    if not isinstance(table, dict) or "labels" not in table:
+        return None
+    try:
+        entries = [
+            {"value": int(e["value"]), "name": str(e["name"]), "colour": str(e["colour"])}
+            for e in table["labels"]
+        ]
+        if not all(0 <= e["value"] <= MAX_CLASS_VALUE for e in entries):
+            raise ValueError("label value out of range")
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        raise InputError(
+            "the class table needs entries with an integer value (0 to "
+            f"{MAX_CLASS_VALUE}), a name and a colour",
+            path,
+        ) from None
+    return entries or None

@@ -10,10 +10,36 @@ import numpy as np
 from napari_apformer.errors import InputError
 from napari_apformer.io.geometry import Reorientation
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def label_dtype(largest_label: int) -> type[np.unsignedinteger]:
     """uint8 where the labels fit, else uint16."""
     return np.uint8 if largest_label < 256 else np.uint16
+
+
+def check_pixel_type(dtype: np.dtype, source: object, what: str = "pixel") -> None:
+    """Integers, floats or booleans; InputError for complex, structured (colour NIfTI) and
+    other types."""
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InputError(f"unsupported {what} type {dtype}", source)
+
+
+def check_float32_range(data: np.ndarray, source: object) -> None:
+    """InputError when finite values are beyond float32, the model's input type (float64
+    data, or a NIfTI scale slope that large): they would become inf there, then NaN."""
+    if data.dtype.kind != "f" or data.dtype.itemsize <= 4:
+        return
+    largest = max(  # slice by slice: no full-size temporary
+        (float(np.max(np.abs(part), where=np.isfinite(part), initial=0.0)) for part in data),
+        default=0.0,
+    )
+    if largest > FLOAT32_MAX:
+        raise InputError(
+            f"values reach {largest:.3g}, beyond the float32 range (±{FLOAT32_MAX:.3g}) the "
+            "model works in; rescale the image (or its scale slope) and try again",
+            source,
+        )
 
 
 def spatial_ndim(data: np.ndarray, rgb: bool, source: object) -> int:
@@ -54,3 +80,4 @@ class ImageFile:
     spacing: tuple[float, ...] | None = None  # per spatial axis of `data`, in mm where known
     nifti: NiftiGeometry | None = None
     series: bool = False  # NIfTI only: a 4th axis of volumes (time) after the spatial ones
+    notes: tuple[str, ...] = ()  # warnings for the user (a broken transform replaced, ...)

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
+import math
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.geometry import Reorientation
-from napari_apformer.io.image_file import ImageFile, NiftiGeometry, label_dtype
-from napari_apformer.io.memory import available_bytes, size_text
+from napari_apformer.io.image_file import (
+    ImageFile,
+    NiftiGeometry,
+    check_float32_range,
+    check_pixel_type,
+    label_dtype,
+)
+from napari_apformer.io.memory import require_memory, size_text
 
 MAX_VOXEL_BYTES = 16 * 2**30  # refuse headers that claim more than this before reading data
+MAX_EXTENSION_BYTES = 64 * 2**20  # header extensions (metadata) nibabel would read into memory
+NIFTI2_HEADER_BYTES = 540
+DEFLATE_MAX_RATIO = 1032  # no deflate (gzip) stream expands more than this
 NIFTI_INTENT_LABEL = 1002
 
 
 def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     """allow_series: accept 4D files (volumes along a 4th axis); otherwise they are refused."""
+    _check_extensions(path)
     try:
         image = nib.load(str(path))
     except FileNotFoundError:
@@ -29,6 +39,9 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     except Exception as error:  # nibabel raises many types for a bad header
         if path.is_file() and path.stat().st_size == 0:
             raise InputError("empty file (0 bytes)", path) from None
+        stored = _stored_header(path)
+        if stored is not None:  # nibabel fails on a transform it cannot compute: say which
+            _usable_affine(stored[0], path)
         raise InputError(f"not a readable NIfTI file ({_first_line(error)})", path) from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image ({type(image).__name__})", path)
@@ -44,27 +57,40 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
         )
     if 0 in shape:
         raise InputError(f"empty image of shape {image.shape}", path)
+    header = image.header
+    if header.get_data_dtype().fields is not None:
+        raise InputError(
+            f"unsupported voxel type {header.get_data_dtype()} (colour NIfTI is not supported)",
+            path,
+        )
+    check_pixel_type(header.get_data_dtype(), path, "voxel")
+    zooms = tuple(float(z) for z in header.get_zooms()[: min(3, len(shape))])
+    if not all(math.isfinite(z) for z in zooms):
+        sizes = " x ".join(f"{z:g}" for z in zooms)
+        raise InputError(f"voxel sizes (pixdim) {sizes} are not finite; fix the header", path)
+    affine, notes = _usable_affine(header, path)
     _check_payload(path, image)
     try:
         data = np.asanyarray(image.dataobj)
-    except Exception as error:  # truncated or corrupt payload
-        raise InputError(f"cannot read the voxel data ({_first_line(error)})", path) from None
-    if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number):
+    except (EOFError, OSError) as error:
+        detail = _first_line(error).split(" from")[0]  # nibabel: "... bytes from <name>"
         raise InputError(
-            f"unsupported voxel type {data.dtype} (colour NIfTI is not supported)", path
-        )
+            f"truncated or corrupt: the voxel data cannot be read in full ({detail})", path
+        ) from None
+    except Exception as error:  # corrupt payload
+        raise InputError(f"cannot read the voxel data ({_first_line(error)})", path) from None
+    check_float32_range(data, path)  # a scale slope can take int16 beyond float32
     data = data.reshape(shape + (1,) * (3 - len(shape)))
-    reorientation = Reorientation.from_affine(image.affine)
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3]) + (1.0,) * (3 - len(shape))
-    geometry = NiftiGeometry(
-        image.affine.copy(), image.header.copy(), reorientation, data.shape[:3]
-    )
+    reorientation = Reorientation.from_affine(affine)
+    zooms += (1.0,) * (3 - len(zooms))
+    geometry = NiftiGeometry(affine.copy(), header.copy(), reorientation, data.shape[:3])
     return ImageFile(
         data=reorientation.to_canonical(data),  # the volumes axis, if any, stays last
         source=path,
         spacing=reorientation.canonical_zooms(zooms),
         nifti=geometry,
         series=series,
+        notes=notes,
     )
 
 
@@ -99,56 +125,139 @@ def write_nifti_labels(
     out.header.set_slope_inter(1.0, 0.0)
     out.header.set_intent(NIFTI_INTENT_LABEL)
     out.header["cal_min"], out.header["cal_max"] = 0, int(labels.max(initial=0))
-    if geometry is not None:  # keep both transforms and their codes exactly
-        source_header = geometry.header
-        out.set_sform(source_header.get_sform(), int(source_header["sform_code"]))
-        out.set_qform(source_header.get_qform(), int(source_header["qform_code"]))
+    if geometry is not None:  # keep both transforms and their codes exactly, where usable
+        for name in ("sform", "qform"):
+            transform, _ = _transform(geometry.header, name)
+            code = int(geometry.header[f"{name}_code"]) if transform is not None else 0
+            getattr(out, f"set_{name}")(geometry.affine if transform is None else transform, code)
     write_atomically(path, lambda tmp: nib.save(out, str(tmp)))
 
 
+def _usable_affine(header: nib.Nifti1Header, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The transform nibabel would use (the sform, else the qform, else one from the voxel
+    sizes) when it is usable, else the other coded one with a note saying so; InputError
+    when none is usable (NaN, inf, zero or rank-deficient: no orientation to read)."""
+    names = [name for name in ("sform", "qform") if int(header[f"{name}_code"]) > 0]
+    problems = []
+    for name in names or ["voxel-size transform"]:
+        transform, problem = _transform(header, name)
+        if transform is not None:
+            notes = tuple(f"the {bad} {why}; using the {name} instead" for bad, why in problems)
+            return transform, notes
+        problems.append((name, problem))
+    raise InputError(
+        " and ".join(f"the {name} {why}" for name, why in problems)
+        + "; no usable voxel-to-world transform (fix the header, e.g. with fslorient)",
+        path,
+    )
+
+
+def _transform(header: nib.Nifti1Header, name: str) -> tuple[np.ndarray | None, str | None]:
+    """(the sform, qform or voxel-size transform, None) if usable, else (None, the problem)."""
+    getter = {"sform": header.get_sform, "qform": header.get_qform}.get(name)
+    try:
+        affine = (getter or header.get_base_affine)()
+    except Exception as error:  # nibabel: quaternion parameters that are not a rotation
+        return None, f"cannot be computed ({_first_line(error)})"
+    if not np.isfinite(affine).all():
+        return None, "holds values that are not finite (NaN or inf)"
+    rank = int(np.linalg.matrix_rank(affine[:3, :3]))
+    if rank < 3:
+        return None, f"is degenerate (rank {rank} of 3: its voxel axes do not span space)"
+    return affine, None
+
+
+def _check_extensions(path: Path) -> None:
+    """Refuse header extensions too large or malformed for nibabel to read safely: it holds
+    them in memory two or three times over, and a negative size makes it read the whole
+    file. Before nibabel sees the file; files that are not NIfTI get nibabel's own message."""
+    area = _extension_area(path)
+    if area is None:
+        return
+    length, region, endian = area
+    if length > MAX_EXTENSION_BYTES:
+        raise InputError(
+            f"header extensions of {size_text(length)}; refusing more than "
+            f"{size_text(MAX_EXTENSION_BYTES)} (extensions are metadata, not voxels)",
+            path,
+        )
+    position = 0
+    while len(region) - position >= 16:  # each: int32 size (itself included), int32 code
+        esize = int(np.frombuffer(region, f"{endian}i4", 1, position)[0])
+        if esize < 8 or esize > len(region) - position:
+            raise InputError(
+                f"corrupt header extension: it says {esize} bytes, "
+                f"{len(region) - position} remain before the voxel data",
+                path,
+            )
+        position += esize
+
+
+def _extension_area(path: Path) -> tuple[float, bytes, str] | None:
+    """(bytes from the header's end to the voxels, those bytes when at most
+    MAX_EXTENSION_BYTES, byte order) when the header says that extensions follow."""
+    found = _stored_header(path)
+    if found is None or not found[1]:
+        return None
+    header = found[0]
+    size = header.template_dtype.itemsize
+    length = float(header["vox_offset"]) - size - 4
+    if not length >= 16:  # nibabel reads no extension (NaN included)
+        return None
+    region = b""
+    if length <= MAX_EXTENSION_BYTES:
+        try:
+            with ImageOpener(path) as f:
+                f.seek(size + 4)
+                region = f.read(int(length))
+        except (OSError, EOFError, zlib.error):
+            return None  # nibabel says what is wrong
+    return length, region, header.endianness
+
+
+def _stored_header(path: Path) -> tuple[nib.Nifti1Header, bool] | None:
+    """The header as stored (unchecked, extensions not read) and whether extensions follow
+    it; None where the file does not start with a NIfTI header."""
+    try:
+        with ImageOpener(path) as f:  # decompresses .nii.gz
+            raw = f.read(NIFTI2_HEADER_BYTES + 4)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        if klass.may_contain_header(raw[:size]):
+            return klass(raw[:size], check=False), raw[size : size + 1] not in (b"", b"\0")
+    return None
+
+
 def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
-    """Refuse a header that claims more voxels than the file can hold, before allocating."""
+    """Refuse a header that claims more voxels than the file can hold, or than memory can,
+    before allocating."""
     header = image.header
-    claimed = int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    voxels = math.prod(int(s) for s in image.shape)
+    claimed = voxels * header.get_data_dtype().itemsize
     if claimed > MAX_VOXEL_BYTES:
         raise InputError(
             f"header claims {claimed / 2**30:.1f} GiB of voxel data; refusing more "
             f"than {MAX_VOXEL_BYTES // 2**30} GiB",
             path,
         )
-    needed = int(header.get_data_offset()) + claimed
-    available = _uncompressed_size(path)
-    if available is not None and available < needed:
+    needed = int(image.dataobj.offset) + claimed  # image.header forgets the offset
+    size = path.stat().st_size
+    if compound_suffix(path) != ".nii.gz" and size < needed:
+        raise InputError(f"truncated: the header needs {needed} bytes, the file has {size}", path)
+    # The gzip trailer's size (ISIZE) is that of the last member only, modulo 2**32: wrong for
+    # bgzip (many members), zero padding and volumes over 4 GiB. What is certain is deflate's
+    # largest expansion; a stream that ends early is found while reading.
+    if compound_suffix(path) == ".nii.gz" and size * DEFLATE_MAX_RATIO < needed:
         raise InputError(
-            f"truncated: the header needs {needed} bytes, the file has {available}", path
+            f"truncated: the header needs {needed} bytes, more than a gzip file of {size} "
+            "bytes can hold",
+            path,
         )
     slope, inter = (getattr(image.dataobj, name, None) for name in ("slope", "inter"))
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)  # nibabel gives float64
-    in_memory = claimed // header.get_data_dtype().itemsize * 8 if scaled else claimed
-    free = available_bytes()
-    if free is not None and in_memory > free:
-        raise InputError(
-            f"reading it needs {size_text(in_memory)} of memory but only {size_text(free)} is "
-            "available; close other programs or use a machine with more memory",
-            path,
-        )
-
-
-def _uncompressed_size(path: Path) -> int | None:
-    """Bytes of the (decompressed) file; None where it cannot be known cheaply."""
-    if compound_suffix(path) != ".nii.gz":
-        return path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            f.seek(-4, 2)
-            size = struct.unpack("<I", f.read(4))[0]  # gzip ISIZE: size modulo 2**32
-        if path.stat().st_size >= 2**32 // 8:  # could have wrapped around
-            return None
-        with gzip.open(path, "rb") as g:  # a cheap check that the stream starts well
-            g.read(1)
-        return size
-    except (OSError, EOFError, zlib.error, struct.error):
-        return 0
+    require_memory(claimed + (8 * voxels if scaled else 0), path)
 
 
 def _first_line(error: BaseException) -> str:

@@ -55,6 +55,8 @@ def read_file(path: Path) -> ImageFile:
 def layer_data(image: ImageFile) -> LayerData:
     """(data, layer keyword arguments, layer type) for napari."""
     where = placement(image)
+    for note in image.notes:
+        _notify_warning(f"{image.source}: {note}")
     if where.oblique:
         _notify_warning(
             f"{image.source}: the voxel axes are oblique to the scanner axes; napari shows the "
@@ -70,11 +72,15 @@ def layer_data(image: ImageFile) -> LayerData:
         "metadata": SourceInfo(image.source, image.nifti, image.series).to_metadata(),
     }
     if not image.rgb and is_label_image(image.source, data):
-        table = read_class_table(image.source)
-        if table:
-            kwargs["features"] = class_features(table)
-            kwargs["colormap"] = class_colormap(table)
-        return np.asarray(data, dtype=_label_type(data)), kwargs, "labels"
+        label_type = _label_type(data)
+        if label_type is None:
+            _notify_warning(
+                f"{image.source}: label values up to {float(data.max()):.3g} do not fit a label "
+                "layer (at most 2**32 - 1); opened as an image"
+            )
+        else:
+            _add_class_table(kwargs, image.source)
+            return np.asarray(data, dtype=label_type), kwargs, "labels"
     kwargs["rgb"] = image.rgb
     return data, kwargs, "image"
 
@@ -98,10 +104,26 @@ def _whole_numbers(data: np.ndarray) -> bool:
     return bool(finite and data.min() >= 0 and np.array_equal(data, np.round(data)))
 
 
-def _label_type(data: np.ndarray) -> type:
+def _label_type(data: np.ndarray) -> type | None:
+    """The integer type of a label layer for `data`; None when its values do not fit one."""
     if np.issubdtype(data.dtype, np.integer):
         return data.dtype.type
-    return np.uint16 if float(data.max(initial=0)) > 255 else np.uint8
+    largest = float(data.max(initial=0))
+    fitting = (t for t in (np.uint8, np.uint16, np.uint32) if largest <= np.iinfo(t).max)
+    return next(fitting, None)
+
+
+def _add_class_table(kwargs: dict, source: Path) -> None:
+    """Class names and colours from the sidecar; a sidecar that cannot be used is ignored
+    with a warning (the labels open without it)."""
+    try:
+        table = read_class_table(source)
+    except InputError as error:
+        _notify_warning(f"{error}; ignored, the labels open without class names")
+        return
+    if table:
+        kwargs["features"] = class_features(table)
+        kwargs["colormap"] = class_colormap(table)
 
 
 def _notify_error(message: str) -> None:
