@@ -48,7 +48,6 @@ def official_weights(official_model, tmp_path_factory) -> Path:
     from napari_apformer.model import ModelCard, save_weights
 
     card = ModelCard.generic("official-gray9", 1, official_model.n_classes)
-    card.gates = official_model.trans4.stored_gates()
     path = tmp_path_factory.mktemp("weights") / "official-gray9.safetensors"
     save_weights(official_model, card, path)
     return path

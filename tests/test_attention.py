@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_apformer.model.apformer import TOKENS
-from napari_apformer.model.attention import prune_dependencies, relative_position_tables
+from napari_apformer.model.apformer.network import TOKENS
+from napari_apformer.model.apformer.attention import prune_dependencies, relative_position_tables
 
 
 def reference_pruning(scores: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_pruned_queries_get_no_attention_output(random_model):
     x = torch.randn(2, TOKENS, 128)
     keep = torch.rand(2, TOKENS) < 0.5
     keep[1] = False  # one image with nothing kept, batched with one that has some
-    from napari_apformer.model.attention import kept_query_index
+    from napari_apformer.model.apformer.attention import kept_query_index
 
     index, valid = kept_query_index(keep)
     with torch.inference_mode():
@@ -165,10 +165,10 @@ def test_reused_first_layer_gives_the_same_output(official, official_model, tau)
     x = torch.from_numpy(official["input"])
     with torch.inference_mode():
         encoded = official_model.encode(x)
-        plain = official_model.decode(encoded, tau, gate=-1.0)
+        plain = official_model.run_decoder(encoded, tau, gate=-1.0)
         official_model.add_first_layer(encoded, -1.0)
-        reused = official_model.decode(encoded, tau, gate=-1.0)
-        other_gate = official_model.decode(encoded, tau, gate=0.0)  # must not reuse
+        reused = official_model.run_decoder(encoded, tau, gate=-1.0)
+        other_gate = official_model.run_decoder(encoded, tau, gate=0.0)  # must not reuse
         fresh_other = official_model(x, tau, gate=0.0)
     assert torch.equal(plain.keep, reused.keep)
     torch.testing.assert_close(reused.logits, plain.logits, atol=1e-4, rtol=0)
@@ -202,7 +202,7 @@ def test_attention_rows_equal_the_captured_rows(official, official_model, tau):
         full = official_model(x, token_threshold=tau, gate=-1.0, capture=True)
         encoded = official_model.encode(x)
         official_model.add_first_layer(encoded, -1.0)
-        run = official_model.decode(encoded, tau, gate=-1.0, keep_inputs=True)
+        run = official_model.run_decoder(encoded, tau, gate=-1.0, keep_inputs=True)
         assert run.first_layer_reused
         tokens = [int(i) for i in torch.nonzero(full.keep[0])[:3, 0]] + [0]
         inputs = [t.layer_input for t in run.layers]

@@ -35,10 +35,11 @@ def test_data_parallel_prefix_is_accepted(tmp_path, official_state_dict):
 
 def test_safetensors_round_trip_with_card(tmp_path, official, official_model):
     card = ModelCard.generic("mine", 1, 9)
-    card.token_threshold, card.gates = 0.8, [0.0, -1.0, -2.0, -3.0]
+    card.settings = {"token_threshold": 0.8, "gate": [0.0, -1.0, -2.0, -3.0]}
     save_weights(official_model, card, tmp_path / "mine")
     loaded = load_model(tmp_path / "mine.safetensors")
-    assert loaded.card.sha256 and loaded.card.token_threshold == 0.8
+    assert loaded.card.sha256 and loaded.card.settings["token_threshold"] == 0.8
+    assert loaded.card.architecture == official_model.architecture()
     assert loaded.trans4.stored_gates() == [0.0, -1.0, -2.0, -3.0]
     x = torch.from_numpy(official["input"][:1])
     assert torch.equal(logits_of(loaded, x), logits_of(official_model, x))
@@ -79,7 +80,7 @@ def test_changed_file_fails_checksum(tmp_path, official_model):
             lambda sd: sd.update({"conv4.weight": torch.zeros(64, 128, 1, 1, dtype=torch.int32)}),
             "wrong dtype",
         ),
-        (lambda sd: sd.pop("inc.double_conv.0.weight"), "not APFormer"),
+        (lambda sd: sd.pop("inc.double_conv.0.weight"), "not weights of any known .*apformer"),
     ],
 )
 def test_wrong_tensors_are_refused(official_state_dict, change, message):
@@ -130,4 +131,4 @@ def test_shipped_default_weights_load_and_are_marked():
         "grey matter",
         "white matter",
     ]
-    assert np.isclose(model.default_token_threshold, model.card.token_threshold)
+    assert model.settings()[0].default == model.card.settings["token_threshold"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_apformer.model import attention
+from napari_apformer.model.apformer import attention
 
 MAX_ARGMAX_DIFFERENCES = 5  # "at most a handful of pixels"
 LOGIT_TOLERANCE = 1e-4

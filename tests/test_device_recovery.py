@@ -26,11 +26,11 @@ def reference(official_model, volume):
 
 
 def _failing_decode(segmenter, monkeypatch, error, when):
-    """Make model.decode raise `error` for batches where when(batch_size, call) is true.
+    """Make APFormer's decoder raise `error` for batches where when(batch_size, call) is true.
 
-    On the CPU decode calls itself once per slice of a batch: those calls count too.
+    On the CPU the decoder calls itself once per slice of a batch: those calls count too.
     """
-    decode, calls = segmenter.model.decode, []
+    decode, calls = segmenter.model.run_decoder, []
 
     def flaky(encoded, *args, **kwargs):
         calls.append(encoded.x4.shape[0])
@@ -38,7 +38,7 @@ def _failing_decode(segmenter, monkeypatch, error, when):
             raise error
         return decode(encoded, *args, **kwargs)
 
-    monkeypatch.setattr(segmenter.model, "decode", flaky)
+    monkeypatch.setattr(segmenter.model, "run_decoder", flaky)
     return calls
 
 
@@ -99,9 +99,9 @@ def test_overlapped_batches_give_the_same_results(official_model, volume, refere
     expected = plain.segment(plain.prepare(volume), probabilities=True, attention_slices=[4])
     assert np.array_equal(job.result.labels, reference)
     assert np.allclose(job.result.probabilities, expected.probabilities)
-    assert np.array_equal(job.result.keep, expected.keep)
+    assert np.array_equal(job.result.maps["keep"], expected.maps["keep"])
     assert job.result.stats.flops == expected.stats.flops
-    assert torch.equal(job.result.layer_inputs[4][0], expected.layer_inputs[4][0])
+    assert torch.equal(job.result.attention_states[4][0], expected.attention_states[4][0])
 
 
 def test_reduced_precision_changes_few_labels(official_model):
@@ -138,12 +138,13 @@ def test_a_volume_too_large_for_memory_says_what_it_needs(official_model, monkey
 def test_a_nifti_too_large_to_read_is_refused_before_reading(tmp_path, monkeypatch):
     import nibabel as nib
 
+    import napari_apformer.io.memory as memory
     import napari_apformer.io.nifti as nifti
 
     path = tmp_path / "ct.nii.gz"
     image = nib.Nifti1Image(np.zeros((64, 64, 40), np.int16), np.eye(4))
     image.header.set_slope_inter(1.0, -1024.0)  # read as float64: 8 bytes a voxel
     nib.save(image, path)
-    monkeypatch.setattr(nifti, "available_bytes", lambda: 1_000_000)
-    with pytest.raises(InputError, match=r"reading it needs 1 MiB of memory but only 1 MiB"):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1_000_000)
+    with pytest.raises(InputError, match=r"reading it needs 2 MiB of memory but only 1 MiB"):
         nifti.read_nifti(path)

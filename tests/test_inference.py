@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_apformer.engine.inference import Segmenter
-from napari_apformer.engine.stats import decoder_flops, encoder_flops, first_layer_flops
+from napari_apformer.model.apformer.flops import decoder_flops, encoder_flops, first_layer_flops
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_engine_equals_model_on_a_256_slice(official, official_model):
     with torch.inference_mode():
         out = official_model(torch.from_numpy(official["input"][:1]), 0.9, -2.0)
     assert np.array_equal(result.labels, out.logits[0].argmax(0).numpy())
-    assert np.array_equal(result.keep[0].ravel(), out.keep[0].numpy())
+    assert np.array_equal(result.maps["keep"][0].ravel(), out.keep[0].numpy())
     assert (result.labels != official["argmax_0"][0]).sum() <= 5
 
 
@@ -45,26 +45,28 @@ def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model,
     prepared = segmenter.prepare(volume, axis=0)
     segmenter.segment(prepared, slices=[0], token_threshold=0.9)  # one-off: leaves no cache
     assert len(segmenter.encoder_cache) == 0
-    first = segmenter.segment(prepared, slices=[0], token_threshold=0.9, cache=True)
+    first = segmenter.segment(prepared, slices=[0], token_threshold=0.9, gate=-2.0, cache=True)
     assert first.stats.encoder_cache_hits == 0
     second = segmenter.segment(prepared, slices=[0], token_threshold=0.6, gate=0.0, cache=True)
     assert second.stats.encoder_cache_hits == 1
     model = segmenter.model
-    kept_first, kept_second = first.stats.kept_tokens, second.stats.kept_tokens
+    kept_first = first.stats.counters["kept_tokens"][0]
+    kept_second = second.stats.counters["kept_tokens"][0]
     assert first.stats.flops == (  # encoder, layer 1 for every token, the rest for kept ones
         encoder_flops(model) + first_layer_flops(model) + decoder_flops(model, kept_first, True)
     )
     # the gate changed, so layer 1 is recomputed for every token at the new gate
     assert second.stats.flops == first_layer_flops(model) + decoder_flops(model, kept_second, True)
     third = segmenter.segment(prepared, slices=[0], token_threshold=0.7, gate=0.0, cache=True)
-    assert third.stats.flops == decoder_flops(model, third.stats.kept_tokens, True)
+    kept_third = third.stats.counters["kept_tokens"][0]
+    assert third.stats.flops == decoder_flops(model, kept_third, True)
     fresh = Segmenter(official_model, device="cpu")
     expected = fresh.segment(
         fresh.prepare(volume, axis=0), slices=[0], token_threshold=0.6, gate=0.0
     )
     assert np.array_equal(second.labels, expected.labels)
-    assert np.array_equal(second.keep, expected.keep)
-    assert second.stats.kept_token_fraction < first.stats.kept_token_fraction
+    assert np.array_equal(second.maps["keep"], expected.maps["keep"])
+    assert second.stats.fraction("kept_tokens") < first.stats.fraction("kept_tokens")
 
 
 def test_progress_and_cancellation(segmenter, volume):
@@ -84,7 +86,7 @@ def test_batches_give_the_same_labels_as_single_slices(official_model, volume):
     a = batched.segment(batched.prepare(volume, axis=0))
     b = single.segment(single.prepare(volume, axis=0))
     assert np.array_equal(a.labels, b.labels)
-    assert np.array_equal(a.keep, b.keep)
+    assert np.array_equal(a.maps["keep"], b.maps["keep"])
 
 
 def test_probabilities_attention_and_token_maps(segmenter, volume):
@@ -93,8 +95,8 @@ def test_probabilities_attention_and_token_maps(segmenter, volume):
     assert result.probabilities.shape == (9, 3, 200, 150)
     np.testing.assert_allclose(result.probabilities.sum(0), 1.0, atol=1e-5)
     assert np.array_equal(result.probabilities.argmax(0), result.labels)
-    assert set(result.layer_inputs) == {1}
-    keep = result.keep[1].ravel()
+    assert set(result.attention_states) == {1}
+    keep = result.maps["keep"][1].ravel()
     kept, pruned = int(np.flatnonzero(keep)[0]), int(np.flatnonzero(~keep)[0])
     after, before = segmenter.attention(result, 1, kept)
     assert after.shape == before.shape == (4, 6, 32, 32)
@@ -104,18 +106,19 @@ def test_probabilities_attention_and_token_maps(segmenter, volume):
     assert not segmenter.attention(result, 1, pruned)[0].any()
     with pytest.raises(ValueError, match="attention_slices"):
         segmenter.attention(result, 0, kept)
-    assert ((result.kept_dependency_fraction > 0) == result.keep).all()
-    assert ((result.background_probability >= 0.9) == ~result.keep).all()
+    keep = result.maps["keep"]
+    assert ((result.maps["kept_dependencies"] > 0) == keep).all()
+    assert ((result.maps["background_probability"] >= 0.9) == ~keep).all()
 
 
 def test_statistics_count_what_was_spent(segmenter, volume):
     prepared = segmenter.prepare(volume, axis=0)
     full = segmenter.segment(prepared, token_threshold=1.0)
-    assert full.stats.kept_token_fraction == 1.0
-    assert full.stats.flops == full.stats.flops_unpruned
+    assert full.stats.fraction("kept_tokens") == 1.0
+    assert full.stats.flops == full.stats.flops_unpruned  # counted by torch
     pruned = segmenter.segment(prepared, token_threshold=0.5)
     assert pruned.stats.flops < full.stats.flops
-    assert 0 < pruned.stats.kept_dependency_fraction <= 1
+    assert 0 < pruned.stats.fraction("kept_dependencies") <= 1
 
 
 def test_bad_slice_index_and_settings(segmenter, volume):

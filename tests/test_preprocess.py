@@ -6,6 +6,7 @@ import torch
 
 from napari_apformer.engine.preprocess import Letterbox, prepare_image
 from napari_apformer.errors import InputError
+from napari_apformer.model.base import InputRule
 from napari_apformer.model.card import Normalisation
 
 PERCENTILE = Normalisation()
@@ -13,6 +14,7 @@ PERCENTILE = Normalisation()
 
 def prepare(data, **kwargs):
     kwargs.setdefault("in_channels", 1)
+    kwargs.setdefault("rule", InputRule(size=256))
     return prepare_image(data, normalisation=PERCENTILE, source="scan.nii", **kwargs)
 
 
@@ -46,15 +48,25 @@ def test_letterbox_round_trip_returns_to_the_same_pixels(shape):
     assert interior.mean() > 0.97  # only pixels next to a block edge may blur across
 
 
-def test_token_grid_placement_agrees_with_nearest_lookup():
-    box = Letterbox.fit(300, 150)
-    grid = np.arange(32 * 32).reshape(32, 32)
-    image = box.token_grid_to_image(grid)
+@pytest.mark.parametrize("rule, stride", [(InputRule(size=256), 8), (InputRule(multiple=16), 16)])
+def test_grid_placement_agrees_with_nearest_lookup(rule, stride):
+    box = Letterbox.fit(300, 150, rule=rule)
+    rows, cols = box.grid_shape(stride)
+    grid = np.arange(rows * cols).reshape(rows, cols)
+    image = box.grid_to_image(grid, stride)
     assert image.shape == (300, 150)
-    (sy, sx), (ty, tx) = box.token_scale, box.token_translate
+    (sy, sx), (ty, tx) = box.grid_scale(stride), box.grid_translate(stride)
     for y, x in [(0, 0), (150, 75), (299, 149), (37, 101)]:
         row, col = round((y - ty) / sy), round((x - tx) / sx)
-        assert image[y, x] == grid[row, col]
+        assert image[y, x] == grid[row, col] == grid.ravel()[box.grid_index(y, x, stride)]
+
+
+def test_a_multiple_rule_keeps_the_pixels_and_pads_to_the_multiple():
+    box = Letterbox.fit(300, 150, rule=InputRule(multiple=16))
+    assert (box.inner_height, box.inner_width) == (300, 150)
+    assert (box.model_height, box.model_width) == (304, 160)
+    x = torch.rand(1, 1, 300, 150)
+    assert torch.equal(box.to_image(box.to_model(x)), x)
 
 
 def test_percentile_normalisation_and_constant_images():

@@ -35,7 +35,7 @@ from napari_apformer.engine.staging import HostStaging
 from napari_apformer.engine.stats import RunStats
 from napari_apformer.errors import InputError, first_line
 from napari_apformer.io.image_file import label_dtype
-from napari_apformer.io.memory import WORKING_BYTES_PER_SLICE, available_bytes, size_text
+from napari_apformer.io.memory import available_bytes, size_text, working_bytes_per_slice
 from napari_apformer.model.base import (
     CachedSplit,
     MapSpec,
@@ -209,6 +209,7 @@ class Segmenter:
                 np.zeros((n_classes, *image.spatial_shape), np.float32) if probabilities else None
             ),
         )
+        self._flops(self._reference_flops, box, self.model.reference_flops)  # once per size
         watched = set(attention_slices) & set(chosen)
         if not isinstance(self.model, QueryAttention):
             watched = set()
@@ -223,7 +224,11 @@ class Segmenter:
         voxels = int(np.prod(image.spatial_shape))
         labels = voxels * np.dtype(label_dtype(self.model.n_classes - 1)).itemsize
         probs = 4 * voxels * self.model.n_classes if probabilities else 0
-        batch = min(self.batch_size, image.n_slices) * WORKING_BYTES_PER_SLICE
+        box = image.letterbox
+        per_slice = working_bytes_per_slice(
+            box.height, box.width, image.in_channels, self.model.n_classes, probabilities
+        )
+        batch = min(self.batch_size, image.n_slices) * per_slice
         if labels + probs + batch <= free:
             return
         parts = (
@@ -436,7 +441,7 @@ class Segmenter:
                 else result.probabilities[:, None]
             )
         stats = result.stats
-        reference = self._flops(self._reference_flops, image.letterbox, self.model.reference_flops)
+        reference = self._reference_flops[image.letterbox.model_height, image.letterbox.model_width]
         for j, index in enumerate(launched.batch):
             k = position[index]
             labels[index if image.is_volume else 0] = launched.labels[j].numpy()

@@ -186,11 +186,12 @@ def check_card_fits(card: ModelCard, model: SegmentationModel, source: object) -
 
 def save_weights(model: SegmentationModel, card: ModelCard, path: Path) -> None:
     """Write `<path>.safetensors` and its card `<path>.json`, recording the file's SHA-256,
-    the architecture and the model's current setting defaults."""
+    the architecture and the setting defaults: the card's where it has them, else the
+    model's own (APFormer: its stored gates)."""
     path = path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     card.sha256 = sha256_of(path)
     card.architecture = model.architecture()
-    card.settings = {**card.settings, **model.defaults()}
+    card.settings = {**model.defaults(), **card.settings}
     path.with_suffix(".json").write_text(card.to_json(), encoding="utf-8")

@@ -360,6 +360,12 @@ class APFormer(SegmentationModel):
             ),
         )
 
+    def reference_flops(self, height: int, width: int) -> int:
+        """By formula (tests hold it equal to torch's count of a real pass)."""
+        from napari_apformer.model.apformer.flops import slice_flops
+
+        return slice_flops(self, self.tokens)
+
     def encode_flops(self, height: int, width: int) -> int:
         from napari_apformer.model.apformer.flops import encoder_flops
 
