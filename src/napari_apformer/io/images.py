@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from napari_apformer.errors import InputError
+from napari_apformer.errors import InputError, first_line
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.image_file import (
     ImageFile,
@@ -35,9 +35,7 @@ def read_image(path: Path) -> ImageFile:
     except InputError:
         raise
     except Exception as error:  # the decoders raise many types for a bad file
-        text = (
-            str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        )
+        text = first_line(error)
         raise InputError(
             f"not a readable {FORMAT_NAMES.get(suffix, suffix)} image ({text})", path
         ) from None

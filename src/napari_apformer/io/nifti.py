@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from napari_apformer.errors import InputError
+from napari_apformer.errors import InputError, first_line
 from napari_apformer.io.files import compound_suffix, write_atomically
 from napari_apformer.io.geometry import Reorientation
 from napari_apformer.io.image_file import (
@@ -42,7 +42,7 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
         stored = _stored_header(path)
         if stored is not None:  # nibabel fails on a transform it cannot compute: say which
             _usable_affine(stored[0], path)
-        raise InputError(f"not a readable NIfTI file ({_first_line(error)})", path) from None
+        raise InputError(f"not a readable NIfTI file ({first_line(error)})", path) from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image ({type(image).__name__})", path)
     shape = tuple(int(s) for s in image.shape)
@@ -73,12 +73,12 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     try:
         data = np.asanyarray(image.dataobj)
     except (EOFError, OSError) as error:
-        detail = _first_line(error).split(" from")[0]  # nibabel: "... bytes from <name>"
+        detail = first_line(error).split(" from")[0]  # nibabel: "... bytes from <name>"
         raise InputError(
             f"truncated or corrupt: the voxel data cannot be read in full ({detail})", path
         ) from None
     except Exception as error:  # corrupt payload
-        raise InputError(f"cannot read the voxel data ({_first_line(error)})", path) from None
+        raise InputError(f"cannot read the voxel data ({first_line(error)})", path) from None
     check_float32_range(data, path)  # a scale slope can take int16 beyond float32
     data = data.reshape(shape + (1,) * (3 - len(shape)))
     reorientation = Reorientation.from_affine(affine)
@@ -158,7 +158,7 @@ def _transform(header: nib.Nifti1Header, name: str) -> tuple[np.ndarray | None, 
     try:
         affine = (getter or header.get_base_affine)()
     except Exception as error:  # nibabel: quaternion parameters that are not a rotation
-        return None, f"cannot be computed ({_first_line(error)})"
+        return None, f"cannot be computed ({first_line(error)})"
     if not np.isfinite(affine).all():
         return None, "holds values that are not finite (NaN or inf)"
     rank = int(np.linalg.matrix_rank(affine[:3, :3]))
@@ -258,8 +258,3 @@ def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
     slope, inter = (getattr(image.dataobj, name, None) for name in ("slope", "inter"))
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)  # nibabel gives float64
     require_memory(claimed + (8 * voxels if scaled else 0), path)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from napari_apformer.errors import InputError
+from napari_apformer.errors import InputError, first_line
 from napari_apformer.model.base import SegmentationModel, build_model, families
 from napari_apformer.model.card import ModelCard
 
@@ -81,7 +81,7 @@ def read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0]
+        first = first_line(error)
         raise InputError(
             f"refused: the file holds more than tensors, and loading it could run code ({first})",
             path,
