@@ -9,7 +9,9 @@ request is never shown.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QCoreApplication, QEvent, QThreadPool, QTimer
 
 from napari_apformer.engine.device import available_devices
 from napari_apformer.errors import InputError
@@ -41,7 +43,11 @@ from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 OTHER_WEIGHTS = "other file..."
 DEBOUNCE_MS = 0  # merges events queued together; changes during a run merge into one rerun
 GATE_RANGE = (-8.0, 4.0)
+EXIT_WAIT_MS = 120_000  # at interpreter exit: the longest wait for a run to stop
 log = logging.getLogger(__name__)
+# Widgets not shut down yet and the workers they started, for the interpreter's exit.
+_open_widgets: weakref.WeakSet[APFormerWidget] = weakref.WeakSet()
+_started_workers: weakref.WeakSet = weakref.WeakSet()
 
 
 class APFormerWidget(Container):
@@ -61,13 +67,15 @@ class APFormerWidget(Container):
         self._query_world: tuple[float, ...] | None = None
         self._slice_key: tuple | None = None
         self._build_controls()
-        self._timer = QTimer()
+        # A child of the widget: Qt deletes it with the widget, never before it at exit.
+        self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._start_live)
         self._connect_events()
         self._on_weights_changed()
         self._on_image_changed()
+        _open_widgets.add(self)
 
     # ----------------------------------------------------------------------------- controls
     def _build_controls(self) -> None:
@@ -157,7 +165,7 @@ class APFormerWidget(Container):
             self._live_worker is not None
             or self._volume_worker is not None
             or self._live_pending
-            or self._timer.isActive()
+            or (not self._closed and self._timer.isActive())
         )
 
     def settings(self) -> Settings:
@@ -334,6 +342,7 @@ class APFormerWidget(Container):
         )
         worker.finished.connect(self._on_live_finished)
         self._live_worker = worker
+        _started_workers.add(worker)
         worker.start()
 
     def _on_live_finished(self) -> None:
@@ -432,6 +441,7 @@ class APFormerWidget(Container):
         self._volume_context = (layer, image, axis)
         self._volume_done = 0
         self.run_volume.enabled, self.cancel.enabled = False, True
+        _started_workers.add(worker)
         worker.start()
 
     def cancel_volume(self) -> None:
@@ -503,15 +513,60 @@ class APFormerWidget(Container):
             show_error(f"APFormer: unexpected error ({type(error).__name__}: {error})")
 
     def _shutdown(self, *_: object) -> None:
-        """The widget (or the viewer) is closing: stop runs, touch no Qt object again."""
+        """The widget (or the viewer) is closing: stop runs, touch no Qt object again.
+
+        Runs once, from whichever comes first: the widget's `destroyed` signal or the
+        interpreter's exit (`_shutdown_at_exit`). At exit Qt objects may already be deleted.
+        """
+        if self._closed:
+            return
         self._closed = True
-        self._timer.stop()
+        _open_widgets.discard(self)
+        if _qt_alive(self._timer):
+            self._timer.stop()
         for worker in (self._live_worker, self._volume_worker):
             if worker is not None:
                 worker.quit()
         if self._on_mouse in self.viewer.mouse_drag_callbacks:
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
         self.viewer.dims.events.current_step.disconnect(self._on_dims_changed)
+
+
+def _qt_alive(obj: object) -> bool:
+    """Whether the C++ object behind a Qt wrapper still exists."""
+    try:
+        obj.objectName()
+    except RuntimeError:  # "wrapped C/C++ object ... has been deleted"
+        return False
+    return True
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """The interpreter exits with widgets open or runs going (a script that never closes
+    the viewer): shut the widgets down, let the runs stop and delete the widgets' Qt objects
+    while Qt and Python still work.
+
+    Registered after Qt's bindings are imported, so this runs before their own exit
+    clean-up, which deletes the Qt objects Python owns (the viewer's window, the workers'
+    signals) in no set order. Left to it, a worker still running emits through deleted
+    signals and aborts the process; and the widget's Python event handlers (magicgui's
+    event filters, superqt's sliders) run while the bindings walk their table of wrappers,
+    wrap new objects into it and crash the walk.
+    """
+    widgets = list(_open_widgets)
+    for widget in widgets:
+        widget._shutdown()
+    workers = list(_started_workers)
+    for worker in workers:
+        worker.quit()  # volume runs stop at their next batch; a slice run ends on its own
+    if workers and not QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS):
+        log.warning("APFormer: a run was still going at exit after %d ms", EXIT_WAIT_MS)
+    for widget in widgets:
+        native = widget.native
+        if _qt_alive(native):
+            native.deleteLater()  # the event loop has ended: delete it here and now
+            QCoreApplication.sendPostedEvents(native, QEvent.Type.DeferredDelete)
 
 
 def _readout(outcome: LiveOutcome) -> str:
