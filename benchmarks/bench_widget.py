@@ -74,17 +74,22 @@ def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
             slider.value = values[k % 2]  # values[1] is the current value: always a change
             wait_idle()
             times.append(1000 * (time.perf_counter() - started))
-            kept.append(widget._last.stats.kept_token_fraction)
+            kept.append(widget._last.stats.fraction("kept_tokens"))
         rows.append((label, times, statistics.mean(kept)))
 
+    def slider(name: str):  # the controls are rebuilt when the weights change
+        return widget.setting_controls[name].slider
+
     rows: list = []
-    timed("shipped default, threshold slider", widget.token_threshold, (0.7, 0.9))
-    widget.token_threshold.value = 1.0  # nothing pruned: the worst case
-    timed("shipped default at threshold 1.0, gate slider", widget.gate, (-1.9, -2.0))
+    wait_idle()  # the weights load in a worker; their settings make the sliders
+    timed("shipped default, threshold slider", slider("token_threshold"), (0.7, 0.9))
+    slider("token_threshold").value = 1.0  # nothing pruned: the worst case
+    timed("shipped default at threshold 1.0, gate slider", slider("gate"), (-1.9, -2.0))
     widget.weights_file.value = official
     widget.weights_choice.value = widget_module.OTHER_WEIGHTS
-    widget.token_threshold.value = 0.9
-    timed("authors' release, threshold slider", widget.token_threshold, (0.7, 0.9))
+    wait_idle()
+    slider("token_threshold").value = 0.9
+    timed("authors' release, threshold slider", slider("token_threshold"), (0.7, 0.9))
     load = under_load(app, widget, wait_idle, changes)
     viewer.close()
     return rows, load
@@ -113,7 +118,9 @@ def under_load(app, widget, wait_idle, changes: int) -> dict:
     from napari_apformer.weights import DEFAULT_WEIGHTS
 
     widget.weights_choice.value = DEFAULT_WEIGHTS
-    widget.token_threshold.value = 0.9
+    wait_idle()
+    threshold = widget.setting_controls["token_threshold"].slider
+    threshold.value = 0.9
     wait_idle()
     gc.collect()
     before = rss_mib()
@@ -128,22 +135,22 @@ def under_load(app, widget, wait_idle, changes: int) -> dict:
     timer.timeout.connect(tick)
     timer.start(10)
     calls = []
-    run_live = widget.engine.run_live
-    widget.engine.run_live = lambda request: calls.append(request) or run_live(request)
+    run_live = widget.session.run_live
+    widget.session.run_live = lambda request: calls.append(request) or run_live(request)
     values = np.round(np.random.default_rng(0).uniform(0.3, 1.0, changes), 3)
     values[-1] = 0.777  # the newest value, to check what is shown at the end
     started = time.perf_counter()
     for value in values:
-        widget.token_threshold.value = float(value)
+        threshold.value = float(value)
         app.processEvents()
         time.sleep(0.002)
     sent = time.perf_counter() - started
     settle = wait_idle()
     timer.stop()
-    widget.engine.run_live = run_live
-    shown = widget._last.token_threshold
+    widget.session.run_live = run_live
+    shown = widget._last.settings["token_threshold"]
     for k in range(20):  # keep working: memory must not creep up
-        widget.token_threshold.value = 0.7 + 0.01 * (k % 2)
+        threshold.value = 0.7 + 0.01 * (k % 2)
         wait_idle()
     gc.collect()
     after = rss_mib()

@@ -1,7 +1,9 @@
 """The APFormer widget end to end in a real napari viewer (needs an X server: xvfb-run)."""
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -10,9 +12,15 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-from napari_apformer.model import APFormer, ModelCard, save_weights  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from napari_apformer.model import APFormer, ModelCard, load_model, save_weights  # noqa: E402
+from napari_apformer.model import base as model_base  # noqa: E402
+from napari_apformer.model.apformer.attention import LayerSizes  # noqa: E402
+from napari_apformer.model.base import InputRule, Prediction, SegmentationModel  # noqa: E402
 from napari_apformer.plugin import widget as widget_module  # noqa: E402
-from napari_apformer.plugin.layers import KEPT  # noqa: E402
+from napari_apformer.plugin.layers import MASK_ON  # noqa: E402
 
 PLUGIN = "napari-apformer"
 TIMEOUT_MS = 120_000
@@ -48,6 +56,15 @@ def output(viewer, image, role):
     return viewer.layers[f"{image.name} {role}"]
 
 
+def slider(widget, name, layer=None):
+    controls = widget.setting_controls[name]
+    return controls.slider if layer is None else controls.layer_sliders[layer]
+
+
+def float_sliders(widget):
+    return [w for w in widget if isinstance(w, widget_module.FloatSlider)]
+
+
 def test_live_run_makes_aligned_layers_that_follow_the_sliders(
     viewer, qtbot, official_weights, notices
 ):
@@ -69,21 +86,21 @@ def test_live_run_makes_aligned_layers_that_follow_the_sliders(
     dependencies = output(viewer, image, "kept dependencies")
     before = dependencies.data.copy()
     assert before.sum() > 0
-    widget.gate.value = 2.0
+    slider(widget, "gate").value = 2.0
     wait_idle(qtbot, widget)
     assert 0 < dependencies.data.sum() < before.sum()
 
-    kept_before = (kept.data == KEPT).mean()
+    kept_before = (kept.data == MASK_ON).mean()
     assert kept_before > 0
-    widget.token_threshold.value = 0.5
+    slider(widget, "token_threshold").value = 0.5
     wait_idle(qtbot, widget)
-    assert (kept.data == KEPT).mean() < kept_before
-    assert widget._last.token_threshold == 0.5
+    assert (kept.data == MASK_ON).mean() < kept_before
+    assert widget._last.settings["token_threshold"] == 0.5
 
-    widget.per_layer.value = True
-    widget.layer_gates[0].value = -6.0
+    widget.setting_controls["gate"].per_layer.value = True
+    slider(widget, "gate", 0).value = -6.0
     wait_idle(qtbot, widget)
-    assert widget._last.gates == pytest.approx([-6.0, 2.0, 2.0, 2.0], abs=1e-6)
+    assert widget._last.settings["gate"] == pytest.approx([-6.0, 2.0, 2.0, 2.0], abs=1e-6)
     assert "kept tokens" in widget.readout.value and "ms on cpu" in widget.readout.value
     assert not [n for n in notices if "error" in n.lower()]
 
@@ -95,8 +112,15 @@ def test_query_point_click_updates_attention_without_a_rerun(
     widget = open_widget(viewer, qtbot, official_weights)
     attention = output(viewer, image, "attention")
     first = attention.data.copy()
-    runs = []
-    widget.engine.run_live = lambda request: runs.append(request)
+    runs, threads = [], []
+    widget.session.run_live = lambda request: runs.append(request)
+    attention_at = widget.session.attention_at
+
+    def off_the_gui_thread(*args):
+        threads.append(threading.current_thread())
+        return attention_at(*args)
+
+    widget.session.attention_at = off_the_gui_thread
     # A click: press, release without moving (through the viewer's mouse callback).
     world = (image.translate[0], image.translate[1] + 40.0, image.translate[2] + 60.0)
     event = SimpleNamespace(type="mouse_press", button=1, position=(0.0, *world))
@@ -105,13 +129,19 @@ def test_query_point_click_updates_attention_without_a_rerun(
     event.type = "mouse_release"
     with pytest.raises(StopIteration):
         next(clicks)
+    # No rerun of the slice is asked for: only the attention rows, in a worker.
+    assert not runs and widget._live_worker is None and not widget._live_pending
+    assert not widget._timer.isActive()
+    wait_idle(qtbot, widget)
     assert not runs and not widget.busy
+    assert threads and threading.main_thread() not in threads
     assert not np.array_equal(attention.data, first)
     assert output(viewer, image, "query point").data[0] == pytest.approx(world, abs=1.0)
     widget.attention_before.value = True  # re-rendered from the same rows
     assert not runs
     corner = (image.translate[0], image.translate[1] + 1.0, image.translate[2] + 1.0)
     widget.set_query(corner)  # background: its token is pruned
+    wait_idle(qtbot, widget)
     assert "pruned" in widget.readout.value and not attention.data.any()
     assert not runs
 
@@ -120,21 +150,21 @@ def test_stale_results_never_overwrite_newer_ones(viewer, qtbot, official_weight
     viewer.open_sample(PLUGIN, "mni152_slice")
     widget = open_widget(viewer, qtbot, official_weights)
     calls = []
-    run_live = widget.engine.run_live
-    widget.engine.run_live = lambda request: calls.append(request) or run_live(request)
+    run_live = widget.session.run_live
+    widget.session.run_live = lambda request: calls.append(request) or run_live(request)
     for value in (0.8, 0.7, 0.6, 0.55, 0.5):
-        widget.token_threshold.value = value
+        slider(widget, "token_threshold").value = value
         qtbot.wait(5)
     wait_idle(qtbot, widget)
-    assert widget._last.token_threshold == 0.5
+    assert widget._last.settings["token_threshold"] == 0.5
     assert widget._last.request.generation == widget._generation
     assert len(calls) < 5  # moves made during a run were merged
     old = widget._last
     old.request.generation -= 1
-    widget.token_threshold.value = 0.45
+    slider(widget, "token_threshold").value = 0.45
     wait_idle(qtbot, widget)
     widget._on_live_result(old)  # arrives late: ignored
-    assert widget._last.token_threshold == 0.45
+    assert widget._last.settings["token_threshold"] == 0.45
 
 
 def test_two_hundred_quick_changes_show_only_the_newest(viewer, qtbot, official_weights):
@@ -144,16 +174,17 @@ def test_two_hundred_quick_changes_show_only_the_newest(viewer, qtbot, official_
     widget = open_widget(viewer, qtbot, official_weights)
     names = [layer.name for layer in viewer.layers]
     calls = []
-    run_live = widget.engine.run_live
-    widget.engine.run_live = lambda request: calls.append(request) or run_live(request)
+    run_live = widget.session.run_live
+    widget.session.run_live = lambda request: calls.append(request) or run_live(request)
     values = np.round(np.random.default_rng(0).uniform(0.3, 1.0, 200), 3)
     values[-1] = 0.777
     for value in values:
-        widget.token_threshold.value = float(value)
+        slider(widget, "token_threshold").value = float(value)
         qtbot.wait(1)
     wait_idle(qtbot, widget)
-    assert widget._last.token_threshold == pytest.approx(0.777)
-    assert len(calls) < 100 and calls[-1].settings.token_threshold == pytest.approx(0.777)
+    assert widget._last.settings["token_threshold"] == pytest.approx(0.777)
+    threshold = calls[-1].settings.values["token_threshold"]
+    assert len(calls) < 100 and threshold == pytest.approx(0.777)
     assert [layer.name for layer in viewer.layers] == names
     assert not widget.busy and widget._live_worker is None
 
@@ -207,7 +238,7 @@ def test_running_out_of_memory_mid_volume_is_announced_and_loses_nothing(
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, 30:40], source.affine), path)
     [image] = viewer.open(path, plugin=PLUGIN)
     widget = open_widget(viewer, qtbot, official_weights)
-    segmenter = widget.engine.segmenter(widget.settings())
+    segmenter = widget.session.segmenter(widget.settings())
     decode = segmenter.model.decode
 
     def tight_memory(encoded, *args, **kwargs):
@@ -291,3 +322,131 @@ def test_axis_choice_turns_the_view_and_4d_files_use_the_volume_on_screen(
     assert widget._last.request.axis == 1
     kept = output(viewer, image, "kept tokens")
     assert kept.data.shape == (1, 16, 1, 24)
+
+
+def shown(widget, control) -> bool:
+    return control.native.isVisibleTo(widget.native)
+
+
+def test_controls_come_from_the_model_settings(viewer, qtbot, official_weights):
+    viewer.open_sample(PLUGIN, "mni152_slice")
+    widget = open_widget(viewer, qtbot, official_weights)
+    model = load_model(official_weights)
+    declared = model.settings()
+    assert [s.name for s in declared] == ["token_threshold", "gate"]
+    assert list(widget.setting_controls) == [s.name for s in declared]
+    # One slider per setting, plus one per layer for the per-layer gate (4 layers).
+    assert model.depth == 4 and [s.per_layer for s in declared] == [0, 4]
+    assert len(float_sliders(widget)) == 2 + 4
+    for setting in declared:
+        controls = widget.setting_controls[setting.name]
+        low = setting.low + setting.step if setting.low_open else setting.low
+        assert len(controls.layer_sliders) == setting.per_layer
+        assert (controls.per_layer is None) == (setting.per_layer == 0)
+        for each in controls.sliders:
+            assert (each.min, each.max, each.step) == pytest.approx(
+                (low, setting.high, setting.step)
+            )
+            assert each.tooltip == setting.help
+        assert controls.slider.value == pytest.approx(np.mean(setting.default))
+        assert shown(widget, controls.slider) and controls.slider.label == setting.label
+    assert (declared[0].low, declared[0].high) == (0.0, 1.0) and declared[0].low_open
+    gate = widget.setting_controls["gate"]
+    defaults = declared[1].default
+    assert [s.value for s in gate.layer_sliders] == pytest.approx(defaults, abs=1e-6)
+    assert [s.label for s in gate.layer_sliders] == [
+        f"dependency gate, layer {i}" for i in range(1, 5)
+    ]
+    assert not any(shown(widget, s) for s in gate.layer_sliders)
+    gate.per_layer.value = True  # the per-layer sliders appear, starting from the gate in use
+    assert all(shown(widget, s) for s in gate.layer_sliders) and not gate.slider.enabled
+    assert [s.value for s in gate.layer_sliders] == pytest.approx([gate.slider.value] * 4)
+    wait_idle(qtbot, widget)
+    # Attention controls: this model has query-point attention, on each of its 4 layers.
+    assert all(shown(widget, c) for c in widget.attention_controls)
+    assert widget.attention_layer.max == 4 and widget.attention_layer.value == 4
+    lines = widget.readout.value.split("<br>")
+    assert lines[0] == f"slice {widget._last.request.index}"
+    assert lines[1] == widget._last.stats.fractions_text()
+    assert "GFLOP spent" in lines[2] and lines[3].endswith("ms on cpu")
+
+
+class TinyNet(SegmentationModel):
+    """A second family known only to this test: one hidden convolution, no settings, no
+    maps, no attention."""
+
+    family = "tiny-test"
+    variants: ClassVar = {"default": {"width": 4}}
+
+    def __init__(self, in_channels=1, n_classes=3, variant="default", width=4):
+        super().__init__(in_channels, n_classes, variant)
+        self.width = width
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, n_classes, 1)
+        )
+
+    @property
+    def input_rule(self):
+        return InputRule(multiple=8)
+
+    def sizes(self):
+        return {"width": self.width}
+
+    @classmethod
+    def from_sizes(cls, in_channels, n_classes, variant, sizes):
+        return cls(in_channels, n_classes, variant, int(sizes["width"]))
+
+    @classmethod
+    def recognise(cls, state):
+        if set(state) != {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}:
+            return None
+        first, last = state["net.0.weight"], state["net.2.weight"]
+        return {
+            "in_channels": first.shape[1],
+            "n_classes": last.shape[0],
+            "variant": "default",
+            "sizes": {"width": first.shape[0]},
+        }
+
+    def predict(self, x, want_attention=False, **settings):
+        self.resolve_settings(settings)
+        return Prediction(self.net(x))
+
+
+def test_controls_are_rebuilt_for_another_depth_or_family(
+    viewer, qtbot, official_weights, tmp_path, monkeypatch, notices
+):
+    [image] = viewer.open_sample(PLUGIN, "mni152_slice")
+    widget = open_widget(viewer, qtbot, official_weights)
+    torch.manual_seed(0)
+    layers = [LayerSizes(heads=2, dim_head=16, mlp=32, scale=16**-0.5)] * 2
+    shallow = APFormer(in_channels=1, n_classes=4, layers=layers).eval()
+    save_weights(shallow, ModelCard.generic("shallow", 1, 4), tmp_path / "shallow.safetensors")
+    widget.weights_file.value = tmp_path / "shallow.safetensors"
+    wait_idle(qtbot, widget)
+    gate = widget.setting_controls["gate"]
+    assert len(gate.layer_sliders) == 2 and len(float_sliders(widget)) == 2 + 2
+    assert widget.attention_layer.max == 2 and widget.attention_layer.value == 2
+    assert len(widget._last.settings["gate"]) == 2
+    assert output(viewer, image, "attention").data.shape[0] == 2 + 1  # the mean and 2 heads
+    gate.per_layer.value = True
+    gate.layer_sliders[1].value = 1.5
+    wait_idle(qtbot, widget)
+    assert widget._last.settings["gate"][1] == pytest.approx(1.5)
+
+    monkeypatch.setitem(model_base._FAMILIES, TinyNet.family, TinyNet)
+    torch.manual_seed(0)
+    save_weights(TinyNet().eval(), ModelCard.generic("tiny", 1, 3), tmp_path / "tiny.safetensors")
+    widget.weights_file.value = tmp_path / "tiny.safetensors"
+    wait_idle(qtbot, widget)
+    assert widget.setting_controls == {} and not float_sliders(widget)
+    assert not any(shown(widget, c) for c in widget.attention_controls)
+    assert widget._last.settings == {} and widget._last.attention is None
+    # Only the segmentation: no maps declared, no attention (the earlier ones are removed).
+    assert [layer.name for layer in viewer.layers] == [image.name, f"{image.name} segmentation"]
+    assert output(viewer, image, "segmentation").data.shape == image.data.shape
+    assert "kept" not in widget.readout.value and "ms on cpu" in widget.readout.value
+    widget.set_query((image.translate[0], image.translate[1] + 40.0, image.translate[2] + 60.0))
+    wait_idle(qtbot, widget)
+    assert len(viewer.layers) == 2
+    assert not [n for n in notices if "error" in n.lower()]

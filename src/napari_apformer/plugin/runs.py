@@ -1,15 +1,17 @@
-"""What the widget asks the engine for, run in worker threads: one slice live, or a volume.
+"""What the widget asks the engine for, run in worker threads: a model's declarations, one
+slice live, the attention of another query point, or a volume.
 
-Nothing here touches Qt or napari layers; results are handed back to the main thread. One
-lock serialises use of the engine, so a live slice can slip in between two batches of a
-volume run.
+Nothing here touches Qt or napari layers; results are handed back to the main thread. A
+`Session` holds the segmenters (by weights and device), the prepared images and one lock
+that serialises every use of a model, so a live slice or a query point can slip in between
+two batches of a volume run, and nothing runs a model on the Qt thread.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from napari_apformer.engine.inference import (
 )
 from napari_apformer.engine.preprocess import PreparedImage
 from napari_apformer.engine.stats import RunStats
+from napari_apformer.model.base import MapSpec, QueryAttention, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import load_model
 from napari_apformer.plugin.image_source import ImageSource
@@ -30,10 +33,24 @@ from napari_apformer.plugin.layers import SliceMaps
 
 @dataclass(frozen=True)
 class Settings:
+    """Which weights on which device, and the model's run-time settings by name (absent: the
+    weights' own values; a per-layer setting: one value for all layers or one per layer)."""
+
     weights: Path
     device: str
-    token_threshold: float
-    gates: float | tuple[float, ...]
+    values: Mapping[str, SettingValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the widget builds its controls from: the model's declarations."""
+
+    weights: Path
+    family: str
+    settings: list[Setting]  # defaults: the weights' card values
+    map_specs: list[MapSpec]
+    attention_shape: tuple[int, int] | None  # (layers, heads); None: no query attention
+    card: ModelCard
 
 
 @dataclass
@@ -47,28 +64,34 @@ class LiveRequest:
 
 
 @dataclass
+class QueryView:
+    """Attention of one query point, per layer and head, on the model's attention grid."""
+
+    query: tuple[float, float]  # (row, column) in slice pixels
+    after: np.ndarray  # (layers, heads, rows, cols), after pruning
+    before: np.ndarray  # the same before pruning
+    stride: int  # model pixels per grid cell
+
+
+@dataclass
 class LiveOutcome:
     request: LiveRequest
     maps: SliceMaps
     stats: RunStats
-    token_threshold: float
-    gates: list[float]
-    query: tuple[float, float]
-    attention_after: np.ndarray  # (layers, heads, 32, 32)
-    attention_before: np.ndarray
+    settings: dict[str, SettingValue]  # every setting's effective value in this run
     card: ModelCard
     notices: list[str]  # the device ran out of memory or failed (see Segmenter._recover)
+    attention: QueryView | None = None  # only for a model that offers QueryAttention
 
 
-class Engine:
+class Session:
     """Segmenters by (weights, device), prepared images by what they depend on, one lock."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._segmenters: dict[tuple[Path, str], Segmenter] = {}
         self._prepared: dict[tuple, PreparedImage] = {}
-        # The last live run, for new query points (kept apart from the lock on purpose: a
-        # click must not wait for a volume batch).
+        # The last live run, for new query points.
         self._last_live: tuple[LiveOutcome, SegmentationResult, Segmenter] | None = None
 
     def segmenter(self, settings: Settings) -> Segmenter:
@@ -77,8 +100,22 @@ class Engine:
             if key not in self._segmenters:
                 self._segmenters.clear()  # one model in memory at a time
                 self._prepared.clear()
+                self._last_live = None
                 self._segmenters[key] = Segmenter(load_model(settings.weights), settings.device)
             return self._segmenters[key]
+
+    def describe(self, settings: Settings) -> ModelInfo:
+        """Load the weights (kept for the runs that follow) and say what the model declares."""
+        segmenter = self.segmenter(settings)
+        model = segmenter.model
+        return ModelInfo(
+            settings.weights,
+            model.family,
+            model.settings(),
+            model.map_specs(),
+            model.attention_shape() if isinstance(model, QueryAttention) else None,
+            segmenter.card,
+        )
 
     def prepared(self, segmenter: Segmenter, image: ImageSource, axis: int) -> PreparedImage:
         key = (id(segmenter), id(image.data), image.data.shape, image.leading_index, axis)
@@ -95,52 +132,50 @@ class Engine:
         settings = request.settings
         segmenter = self.segmenter(settings)
         prepared = self.prepared(segmenter, request.image, request.axis)
+        watch = isinstance(segmenter.model, QueryAttention)
         with self.lock:
             result = segmenter.start(
                 prepared,
                 slices=[request.index],
-                token_threshold=settings.token_threshold,
-                gate=settings.gates,
-                attention_slices=[request.index],
+                attention_slices=[request.index] if watch else (),
                 cache=True,
+                **settings.values,
             ).finish()
-        labels = prepared_slice(result.labels, prepared, request.index)
-        query = request.query or foreground_centre(labels)
-        token = result.letterbox.token_index(*query)
-        after, before = segmenter.attention(result, request.index, token)
+            labels = prepared_slice(result.labels, prepared, request.index)
+            view = None
+            if watch:
+                query = request.query or foreground_centre(labels)
+                view = _query_view(segmenter, result, request.index, query)
         maps = SliceMaps(
             request.axis,
             request.index,
             labels,
-            result.keep[0],
-            result.background_probability[0],
-            result.kept_dependency_fraction[0],
+            {name: values[0] for name, values in result.maps.items()},
+            result.map_specs,
             result.letterbox,
         )
         outcome = LiveOutcome(
             request,
             maps,
             result.stats,
-            result.token_threshold,
-            result.gates,
-            query,
-            after,
-            before,
+            result.settings,
             segmenter.card,
             result.notices,
+            view,
         )
         self._last_live = (outcome, result, segmenter)
         return outcome
 
-    def attention_at(self, outcome: LiveOutcome, query: tuple[float, float]) -> LiveOutcome:
-        """The last live outcome with the attention of another query point (no rerun)."""
-        if self._last_live is None or self._last_live[0] is not outcome:
-            return outcome
-        _, result, segmenter = self._last_live
-        token = result.letterbox.token_index(*query)
-        after, before = segmenter.attention(result, outcome.request.index, token)
-        outcome.query, outcome.attention_after, outcome.attention_before = query, after, before
-        return outcome
+    def attention_at(self, outcome: LiveOutcome, query: tuple[float, float]) -> QueryView | None:
+        """The attention of another query point in the last live run (no rerun of the model,
+        but its attention rows: call it from a worker, it waits for the lock). None when
+        `outcome` is no longer the last live run or its model has no query attention."""
+        with self.lock:
+            last = self._last_live
+            if last is None or last[0] is not outcome or outcome.attention is None:
+                return None
+            _, result, segmenter = last
+            return _query_view(segmenter, result, outcome.request.index, query)
 
     def volume_steps(
         self, settings: Settings, image: ImageSource, axis: int
@@ -148,9 +183,7 @@ class Engine:
         """(job, progress, card) after each batch; the first item (progress None) is the start."""
         segmenter = self.segmenter(settings)
         prepared = self.prepared(segmenter, image, axis)
-        job = segmenter.start(
-            prepared, token_threshold=settings.token_threshold, gate=settings.gates
-        )
+        job = segmenter.start(prepared, **settings.values)
         yield job, None, segmenter.card
         while True:
             with self.lock:
@@ -159,6 +192,17 @@ class Engine:
                 except StopIteration:
                     return
             yield job, progress, segmenter.card
+
+
+def _query_view(
+    segmenter: Segmenter, result: SegmentationResult, index: int, query: tuple[float, float]
+) -> QueryView:
+    """Attention rows of the query point (slice pixels) in a run with attention_slices."""
+    box = result.letterbox
+    _, _, stride = segmenter.model.attention_grid(box.model_height, box.model_width)
+    token = box.grid_index(query[0], query[1], stride)
+    after, before = segmenter.attention(result, index, token)
+    return QueryView(query, after, before, stride)
 
 
 def prepared_slice(labels: np.ndarray, prepared: PreparedImage, index: int) -> np.ndarray:

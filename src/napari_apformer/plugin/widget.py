@@ -1,10 +1,16 @@
-"""The APFormer dock widget: choose an image and weights, move the pruning settings, watch.
+"""The APFormer dock widget: choose an image and weights, move the model's settings, watch.
+
+The controls come from what the weights' model declares (`SegmentationModel.settings()`): a
+slider per setting, and for a per-layer setting one slider for all layers plus one per layer
+under a check box. Attention controls appear only for a model with query-point attention.
+Changing the weights loads them in a worker and rebuilds the controls when the family or
+depth changed.
 
 Moving a slider, the slice or the query point reruns only what it affects: sliders and the
 slice run the current slice again (from the encoder cache, in a worker); a new query point
-only recomputes attention rows. One live run at a time: changes made during a run are
-merged into one follow-up run with the newest settings, and a result older than the newest
-request is never shown.
+only recomputes attention rows (in a worker too: the model never runs on the Qt thread). One
+live run at a time: changes made during a run are merged into one follow-up run with the
+newest settings, and a result older than the newest request is never shown.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +41,22 @@ from qtpy.QtCore import QCoreApplication, QEvent, QThreadPool, QTimer
 
 from napari_apformer.engine.device import available_devices
 from napari_apformer.errors import InputError
+from napari_apformer.model.base import Setting, SettingValue
 from napari_apformer.model.card import ModelCard
 from napari_apformer.plugin.image_source import ImageSource, image_source
 from napari_apformer.plugin.layers import OutputLayers, legend_html
-from napari_apformer.plugin.runs import Engine, LiveOutcome, LiveRequest, Settings
+from napari_apformer.plugin.runs import (
+    LiveOutcome,
+    LiveRequest,
+    ModelInfo,
+    QueryView,
+    Session,
+    Settings,
+)
 from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 
 OTHER_WEIGHTS = "other file..."
 DEBOUNCE_MS = 0  # merges events queued together; changes during a run merge into one rerun
-GATE_RANGE = (-8.0, 4.0)
 EXIT_WAIT_MS = 120_000  # at interpreter exit: the longest wait for a run to stop
 log = logging.getLogger(__name__)
 # Widgets not shut down yet and the workers they started, for the interpreter's exit.
@@ -50,15 +64,83 @@ _open_widgets: weakref.WeakSet[APFormerWidget] = weakref.WeakSet()
 _started_workers: weakref.WeakSet = weakref.WeakSet()
 
 
+class SettingControls:
+    """A setting's controls: one slider; for a per-layer setting also a check box that shows
+    one slider per layer (their number from the setting) and takes its values from them."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        low = setting.low + setting.step if setting.low_open else setting.low
+        limits = {"min": low, "max": setting.high, "step": setting.step}
+        self.slider = FloatSlider(label=setting.label, tooltip=setting.help, **limits)
+        self.per_layer: CheckBox | None = None
+        self.layer_sliders: list[FloatSlider] = []
+        if setting.per_layer:
+            self.per_layer = CheckBox(
+                text=f"per-layer {setting.label} (advanced)",
+                value=False,
+                tooltip=f"one {setting.label} for each of the {setting.per_layer} layers",
+            )
+            self.layer_sliders = [
+                FloatSlider(
+                    label=f"{setting.label}, layer {i + 1}",
+                    tooltip=setting.help,
+                    visible=False,
+                    **limits,
+                )
+                for i in range(setting.per_layer)
+            ]
+        self.set_values(setting.default)
+
+    @property
+    def widgets(self) -> list:
+        box = [self.per_layer] if self.per_layer is not None else []
+        return [self.slider, *box, *self.layer_sliders]
+
+    @property
+    def sliders(self) -> list[FloatSlider]:
+        return [self.slider, *self.layer_sliders]
+
+    def value(self) -> SettingValue:
+        if self.per_layer is not None and self.per_layer.value:
+            return [float(s.value) for s in self.layer_sliders]
+        return float(self.slider.value)
+
+    def set_values(self, value: SettingValue) -> None:
+        """Show `value` (the weights' default): the mean on the slider for all layers."""
+        values = [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
+        self.slider.value = float(np.mean(values))
+        if len(values) == 1:
+            values = values * len(self.layer_sliders)
+        for slider, v in zip(self.layer_sliders, values, strict=False):
+            slider.value = v
+
+    def show_per_layer(self) -> None:
+        """The check box moved: per-layer sliders shown, starting from the value in use."""
+        on = self.per_layer is not None and self.per_layer.value
+        for slider in self.layer_sliders:
+            slider.visible = on
+            if on:
+                slider.value = self.slider.value
+        self.slider.enabled = not on
+
+
 class APFormerWidget(Container):
     def __init__(self, napari_viewer) -> None:
         super().__init__(scrollable=False)
         self.viewer = napari_viewer
-        self.engine = Engine()
+        self.session = Session()
         self._closed = False
         self._generation = 0
         self._live_worker = None
         self._live_pending = False
+        self._model_worker = None  # loads the weights and reads their declarations
+        self._model_pending = False
+        self._model_info: ModelInfo | None = None  # of the weights the controls are for
+        self._controls_key: tuple | None = None
+        self.setting_controls: dict[str, SettingControls] = {}
+        self._attention_worker = None
+        self._attention_pending = False
         self._volume_worker = None
         self._volume_progress = None
         self._volume_notices = 0  # notices of the running volume job already shown
@@ -91,20 +173,13 @@ class APFormerWidget(Container):
         )
         self.device_choice = ComboBox(label="device", choices=["auto", *available_devices()])
         self.axis_choice = ComboBox(label="slice axis", choices=self._axis_names)
-        self.token_threshold = FloatSlider(
-            label="token threshold", min=0.05, max=1.0, step=0.01, value=0.9
-        )
-        self.gate = FloatSlider(label="dependency gate", min=GATE_RANGE[0], max=GATE_RANGE[1])
-        self.per_layer = CheckBox(text="per-layer gates (advanced)", value=False)
-        self.layer_gates = [
-            FloatSlider(label=f"gate, layer {i + 1}", min=GATE_RANGE[0], max=GATE_RANGE[1])
-            for i in range(4)
-        ]
-        for slider in self.layer_gates:
-            slider.visible = False
-        self.attention_layer = Slider(label="attention of layer", min=1, max=4, value=4)
-        self.attention_before = CheckBox(text="attention before dependency pruning")
+        # The model's settings go after the axis choice (see _build_setting_controls).
+        self.attention_layer = Slider(label="attention of layer", min=1, max=1, value=1)
+        self.attention_before = CheckBox(text="attention before pruning")
         self.click_query = CheckBox(text="a click on the image sets the query point", value=True)
+        self.attention_controls = [self.attention_layer, self.attention_before, self.click_query]
+        for control in self.attention_controls:
+            control.visible = False
         self.live = CheckBox(text="live: rerun the current slice on every change", value=True)
         self.run_slice = PushButton(text="Run on slice")
         self.run_volume = PushButton(text="Run on volume")
@@ -118,10 +193,6 @@ class APFormerWidget(Container):
                 self.weights_file,
                 self.device_choice,
                 self.axis_choice,
-                self.token_threshold,
-                self.gate,
-                self.per_layer,
-                *self.layer_gates,
                 self.attention_layer,
                 self.attention_before,
                 self.click_query,
@@ -138,15 +209,42 @@ class APFormerWidget(Container):
         for label in (self.legend, self.readout):
             label.native.setWordWrap(True)
 
+    def _build_setting_controls(self, info: ModelInfo) -> None:
+        """Controls for the model's settings and its attention; rebuilt only when what they
+        are made from changed (family, settings, depth), else just set to the defaults."""
+        key = (info.family, tuple(_without_default(s) for s in info.settings), info.attention_shape)
+        if key == self._controls_key:
+            for setting in info.settings:
+                self.setting_controls[setting.name].set_values(setting.default)
+            return
+        for controls in self.setting_controls.values():
+            for widget in controls.widgets:
+                self.remove(widget)
+        self.setting_controls = {}
+        position = self.index(self.axis_choice) + 1
+        for setting in info.settings:
+            controls = SettingControls(setting)
+            for widget in controls.widgets:
+                self.insert(position, widget)
+                position += 1
+            for slider in controls.sliders:
+                slider.changed.connect(self._request_live)
+            if controls.per_layer is not None:
+                controls.per_layer.changed.connect(partial(self._on_per_layer_changed, controls))
+            self.setting_controls[setting.name] = controls
+        layers = info.attention_shape[0] if info.attention_shape is not None else 1
+        self.attention_layer.max = layers
+        self.attention_layer.value = layers
+        for control in self.attention_controls:
+            control.visible = info.attention_shape is not None
+        self._controls_key = key
+
     def _connect_events(self) -> None:
         self.image_choice.changed.connect(self._on_image_changed)
         self.weights_choice.changed.connect(self._on_weights_changed)
         self.weights_file.changed.connect(self._on_weights_changed)
         self.device_choice.changed.connect(self._request_live)
         self.axis_choice.changed.connect(self._on_axis_changed)
-        for slider in (self.token_threshold, self.gate, *self.layer_gates):
-            slider.changed.connect(self._request_live)
-        self.per_layer.changed.connect(self._on_per_layer_changed)
         self.attention_layer.changed.connect(self._show_attention)
         self.attention_before.changed.connect(self._show_attention)
         self.live.changed.connect(self._request_live)
@@ -164,25 +262,33 @@ class APFormerWidget(Container):
         return (
             self._live_worker is not None
             or self._volume_worker is not None
+            or self._model_worker is not None
+            or self._attention_worker is not None
             or self._live_pending
+            or self._model_pending
+            or self._attention_pending
             or (not self._closed and self._timer.isActive())
         )
 
-    def settings(self) -> Settings:
+    def weights_path(self) -> Path:
         if self.weights_choice.value == OTHER_WEIGHTS:
             path = Path(self.weights_file.value)
             if not path.is_file():
                 raise InputError("choose a weights file (.safetensors or the authors' .pth)")
-        else:
-            path = shipped_weights()[self.weights_choice.value]
-        gates: float | tuple[float, ...] = (
-            tuple(float(s.value) for s in self.layer_gates)
-            if self.per_layer.value
-            else float(self.gate.value)
-        )
-        return Settings(
-            path, str(self.device_choice.value), float(self.token_threshold.value), gates
-        )
+            return path
+        return shipped_weights()[self.weights_choice.value]
+
+    def settings(self) -> Settings:
+        """The weights, the device and the settings' values on the controls (none while the
+        controls are for other weights: the weights' own values then)."""
+        path = self.weights_path()
+        values = {}
+        if self._controls_ready(path):
+            values = {name: c.value() for name, c in self.setting_controls.items()}
+        return Settings(path, str(self.device_choice.value), values)
+
+    def _controls_ready(self, path: Path) -> bool:
+        return self._model_info is not None and self._model_info.weights == path
 
     def current_image(self) -> ImageSource:
         layer = self.image_choice.value
@@ -254,17 +360,67 @@ class APFormerWidget(Container):
             show_error(str(error))
             return
         if card is not None:
-            self.token_threshold.value = card.token_threshold
-            self.gate.value = float(np.mean(card.gates)) if card.gates else -2.0
-            for slider, value in zip(self.layer_gates, card.gates, strict=False):
-                slider.value = value
             self.legend.value = legend_html(card.class_table())
             if card.placeholder:
                 show_warning(
                     f"weights '{card.name}' are a random placeholder, not trained: "
                     "their labels mean nothing"
                 )
+        self._load_model()
+
+    def _load_model(self) -> None:
+        """Load the chosen weights in a worker; their declarations (re)build the controls,
+        then the slice runs. Live runs wait for this."""
+        if self._closed:
+            return
+        if self._model_worker is not None:
+            self._model_pending = True
+            return
+        self._model_pending = False
+        try:
+            settings = Settings(self.weights_path(), str(self.device_choice.value))
+        except InputError:
+            self._request_live()  # says what is missing, as any run would
+            return
+        worker = create_worker(
+            self.session.describe,
+            settings,
+            _start_thread=False,
+            _connect={"returned": self._on_model_info, "errored": self._on_error},
+        )
+        worker.finished.connect(self._on_model_finished)
+        self._model_worker = worker
+        _started_workers.add(worker)
+        worker.start()
+
+    def _on_model_info(self, info: ModelInfo) -> None:
+        if self._closed:
+            return
+        try:
+            if info.weights != self.weights_path():
+                return  # other weights were chosen meanwhile: their load follows
+        except InputError:
+            return
+        self._model_info = info
+        self._build_setting_controls(info)
+        self.legend.value = legend_html(info.card.class_table())
         self._request_live()
+
+    def _on_model_finished(self) -> None:
+        self._model_worker = None
+        if self._closed:
+            return
+        if self._model_pending:
+            self._load_model()
+        elif self._live_pending:
+            try:
+                loaded = self._controls_ready(self.weights_path())
+            except InputError:
+                loaded = True  # _start_live says what is missing
+            if loaded:
+                self._start_live()
+            else:
+                self._live_pending = False  # the load failed and said why: no retry loop
 
     def _card(self) -> ModelCard | None:
         if self.weights_choice.value == OTHER_WEIGHTS:
@@ -272,12 +428,8 @@ class APFormerWidget(Container):
         path = shipped_weights()[self.weights_choice.value]
         return ModelCard.read(path.with_suffix(".json"))
 
-    def _on_per_layer_changed(self, *_: object) -> None:
-        for slider in self.layer_gates:
-            slider.visible = self.per_layer.value
-            if self.per_layer.value:  # start from the gate in use
-                slider.value = self.gate.value
-        self.gate.enabled = not self.per_layer.value
+    def _on_per_layer_changed(self, controls: SettingControls, *_: object) -> None:
+        controls.show_per_layer()
         self._request_live()
 
     def _on_dims_changed(self, *_: object) -> None:
@@ -316,7 +468,7 @@ class APFormerWidget(Container):
     def _start_live(self) -> None:
         if self._closed:
             return
-        if self._live_worker is not None:
+        if self._live_worker is not None or self._model_worker is not None:
             self._live_pending = True
             return
         self._live_pending = False
@@ -327,6 +479,10 @@ class APFormerWidget(Container):
             if self.image_choice.value is not None or self._generation > 1:
                 show_error(str(error))
             return
+        if not self._controls_ready(settings.weights):
+            self._live_pending = True  # the controls first (an earlier load failed)
+            self._load_model()
+            return
         axis = self.slice_axis(image)
         index = image.slice_index_at(tuple(self.viewer.dims.point), axis)
         self._slice_key = (image.leading_index, axis, index)
@@ -335,7 +491,7 @@ class APFormerWidget(Container):
             query = image.plane_position(self._query_world, axis)
         request = LiveRequest(self._generation, image, axis, index, settings, query)
         worker = create_worker(
-            self.engine.run_live,
+            self.session.run_live,
             request,
             _start_thread=False,
             _connect={"returned": self._on_live_result, "errored": self._on_error},
@@ -347,7 +503,7 @@ class APFormerWidget(Container):
 
     def _on_live_finished(self) -> None:
         self._live_worker = None
-        if self._live_pending and not self._closed:
+        if self._live_pending and not self._closed and self._model_worker is None:
             self._start_live()
 
     def _on_live_result(self, outcome: LiveOutcome) -> None:
@@ -367,7 +523,12 @@ class APFormerWidget(Container):
         outputs.show_slice(image, outcome.maps, table, card.n_classes)
         self.legend.value = legend_html(table)
         self.readout.value = _readout(outcome)
-        self._show_attention()  # may add to the read-out
+        if outcome.attention is None:
+            outputs.remove_attention()
+        else:
+            self._show_attention()  # may add to the read-out
+            if self._query_moved(outcome):
+                self._request_attention()  # a click during the run
         if not had_layers:
             self.viewer.layers.selection.active = layer  # keep the image selected
 
@@ -378,37 +539,93 @@ class APFormerWidget(Container):
         return self._outputs[key]
 
     def set_query(self, world: tuple[float, ...]) -> None:
-        """Make the world position the query point; attention updates without a rerun."""
+        """Make the world position the query point; attention updates without a rerun of
+        the slice (its attention rows are computed in a worker)."""
         self._query_world = tuple(world)
-        outcome = self._last
-        if outcome is None:
+        if self._last is None:
             self._request_live(force=True)
             return
+        self._request_attention()
+
+    def _query_in(self, outcome: LiveOutcome) -> tuple[float, float] | None:
+        """The query point in the outcome's slice pixels; None if unset or off the slice."""
+        if self._query_world is None:
+            return None
         request = outcome.request
         row, col = request.image.plane_position(self._query_world, request.axis)
         height, width = outcome.maps.labels.shape
         if not (-0.5 <= row < height - 0.5 and -0.5 <= col < width - 0.5):
-            return  # outside the image
-        try:
-            self.engine.attention_at(outcome, (row, col))
-        except Exception as error:  # keep the viewer usable whatever happens
-            self._on_error(error)
+            return None
+        return row, col
+
+    def _query_moved(self, outcome: LiveOutcome) -> bool:
+        query = self._query_in(outcome)
+        return (
+            query is not None
+            and outcome.attention is not None
+            and not np.allclose(query, outcome.attention.query)
+        )
+
+    def _request_attention(self) -> None:
+        """Attention of the query point in the last live run, in a worker (one at a time;
+        clicks during it merge into one follow-up)."""
+        outcome = self._last
+        if self._closed or outcome is None or outcome.attention is None:
             return
+        if self._attention_worker is not None:
+            self._attention_pending = True
+            return
+        self._attention_pending = False
+        query = self._query_in(outcome)
+        if query is None:
+            return  # outside the image
+        worker = create_worker(
+            self.session.attention_at,
+            outcome,
+            query,
+            _start_thread=False,
+            _connect={
+                "returned": partial(self._on_attention, outcome),
+                "errored": self._on_error,
+            },
+        )
+        worker.finished.connect(self._on_attention_finished)
+        self._attention_worker = worker
+        _started_workers.add(worker)
+        worker.start()
+
+    def _on_attention(self, outcome: LiveOutcome, view: QueryView | None) -> None:
+        if self._closed or view is None or outcome is not self._last:
+            return  # a newer live run shows (and follows) the query point itself
+        outcome.attention = view
         self._show_attention()
+
+    def _on_attention_finished(self) -> None:
+        self._attention_worker = None
+        if self._attention_pending and not self._closed:
+            self._request_attention()
 
     def _show_attention(self, *_: object) -> None:
         outcome = self._last
         layer = self.image_choice.value
         if outcome is None or layer is None or layer not in self.viewer.layers:
             return
+        view = outcome.attention
+        if view is None:
+            return
         request = outcome.request
-        maps = outcome.attention_before if self.attention_before.value else outcome.attention_after
-        depth = int(self.attention_layer.value) - 1
+        maps = view.before if self.attention_before.value else view.after
+        depth = min(int(self.attention_layer.value), maps.shape[0]) - 1
         outputs = self._outputs_for(layer, request.image)
         outputs.show_attention(
-            request.image, request.axis, request.index, outcome.maps.letterbox, maps[depth]
+            request.image,
+            request.axis,
+            request.index,
+            outcome.maps.letterbox,
+            maps[depth],
+            view.stride,
         )
-        world = request.image.world_of_plane(request.axis, request.index, *outcome.query)
+        world = request.image.world_of_plane(request.axis, request.index, *view.query)
         outputs.show_query(request.image, world)
         pruned_query = "<br>The query token is pruned: no attention."
         self.readout.value = _readout(outcome) + ("" if maps[depth].any() else pruned_query)
@@ -428,7 +645,7 @@ class APFormerWidget(Container):
         axis = self.slice_axis(image)
         layer = self.image_choice.value
         worker = create_worker(
-            self.engine.volume_steps,
+            self.session.volume_steps,
             settings,
             image,
             axis,
@@ -569,12 +786,20 @@ def _shutdown_at_exit() -> None:
             QCoreApplication.sendPostedEvents(native, QEvent.Type.DeferredDelete)
 
 
+def _without_default(setting: Setting) -> tuple:
+    """What a setting's controls are made from, but its default (weights of one family and
+    depth differ only there)."""
+    return tuple(v for k, v in setting.__dict__.items() if k != "default")
+
+
 def _readout(outcome: LiveOutcome) -> str:
     s = outcome.stats
-    return (
-        f"slice {outcome.request.index}<br>"
-        f"kept tokens {100 * s.kept_token_fraction:.1f} %<br>"
-        f"kept dependencies {100 * s.kept_dependency_fraction:.1f} %<br>"
-        f"{s.gflops:.1f} GFLOP spent (unpruned: {s.gflops_unpruned:.1f})<br>"
-        f"{1000 * s.seconds:.0f} ms on {s.device}"
+    counted = s.fractions_text()
+    return "<br>".join(
+        [
+            f"slice {outcome.request.index}",
+            *([counted] if counted else []),
+            f"{s.gflops:.1f} GFLOP spent (unpruned: {s.gflops_unpruned:.1f})",
+            f"{1000 * s.seconds:.0f} ms on {s.device}",
+        ]
     )
