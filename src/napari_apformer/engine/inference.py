@@ -410,7 +410,9 @@ class Segmenter:
             },
             counters={name: to_host(c) for name, c in out.counters.items()},
             attention={
-                index: [to_host(t.float()) for t in out.attention[j]]
+                index: [
+                    to_host(t.float() if t.is_floating_point() else t) for t in out.attention[j]
+                ]
                 for j, index in enumerate(batch)
                 if index in watched and out.attention is not None
             },
@@ -468,11 +470,6 @@ class Segmenter:
         box = result.letterbox
         rows, cols, _ = self.model.attention_grid(box.model_height, box.model_width)
         layers, heads = self.model.attention_shape()
-        k = result.slices.index(slice_index)
-        keep = result.maps.get("keep")
-        if keep is not None and not keep[k].ravel()[token]:
-            empty = np.zeros((layers, heads, rows, cols), np.float32)
-            return empty, empty.copy()
         with torch.inference_mode():
             moved = [x.to(self.device) for x in state]  # type: ignore[attr-defined]
             after, before = self.model.query_attention(moved, token, **result.settings)

@@ -333,7 +333,7 @@ class APFormer(SegmentationModel):
         batch = out.logits.shape[0]
         kept = out.keep.sum(dim=1)
         per_layer = torch.stack([t.kept_dependency_fraction.mean(dim=1) for t in out.layers])
-        possible = sum(layer.heads for layer in self.layer_sizes) * kept * TOKENS
+        possible = sum(layer.heads for layer in self.layer_sizes) * kept * self.tokens
         flops = torch.tensor(
             [decoder_flops(self, int(k), out.first_layer_reused) for k in kept.tolist()],
             dtype=torch.int64,
@@ -353,8 +353,8 @@ class APFormer(SegmentationModel):
                 "kept_dependencies": torch.stack([out.kept_dependencies, possible], dim=1),
             },
             flops=flops,
-            attention=(
-                [[t.layer_input[j] for t in out.layers] for j in range(batch)]
+            attention=(  # per image: each layer's normed input, then the keep mask
+                [[*(t.layer_input[j] for t in out.layers), out.keep[j]] for j in range(batch)]
                 if want_attention
                 else None
             ),
@@ -391,12 +391,15 @@ class APFormer(SegmentationModel):
     def query_attention(
         self, state: list[torch.Tensor], token: int, **settings
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layers, heads, tokens) after and before pruning; layers with fewer heads than the
-        widest are padded with zeros."""
+        """(layers, heads, tokens) after and before pruning, zeros for a pruned query; layers
+        with fewer heads than the widest are padded with zeros."""
         gates = self.resolve_settings(settings)["gate"]
-        inputs = [x[None] for x in state]
-        records = self.attention_rows(inputs, [token], gates)
-        heads = self.attention_shape()[1]
+        *layer_inputs, keep = state
+        layers, heads = self.attention_shape()
+        if not keep[token]:
+            empty = layer_inputs[0].new_zeros(layers, heads, self.tokens)
+            return empty, empty.clone()
+        records = self.attention_rows([x[None] for x in layer_inputs], [token], gates)
 
         def stacked(rows: list[torch.Tensor]) -> torch.Tensor:
             padded = [F.pad(r, (0, 0, 0, heads - r.shape[0])) for r in rows]
