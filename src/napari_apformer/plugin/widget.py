@@ -417,8 +417,8 @@ class APFormerWidget(Container):
                 loaded = self._controls_ready(self.weights_path())
             except InputError:
                 loaded = True  # _start_live says what is missing
-            if loaded:
-                self._start_live()
+            if loaded:  # through the timer: merges with a request made by the new controls
+                self._timer.start()
             else:
                 self._live_pending = False  # the load failed and said why: no retry loop
 
