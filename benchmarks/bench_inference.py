@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from napari_apformer.engine.inference import Segmenter
-from napari_apformer.engine.stats import slice_flops
 from napari_apformer.model import APFormer, load_model
+from napari_apformer.model.apformer.flops import slice_flops
 
 VECTOR = Path(__file__).parents[1] / "tests/data/official_gray9_trimmed.npz"
 THRESHOLDS = (1.0, 0.9, 0.5)
@@ -67,7 +67,7 @@ def model_table(device: torch.device, repeats: int) -> list[str]:
                 ms = median_ms(partial(model, x, token_threshold=tau), repeats, device) / batch
             kept = int(keep.sum())
             rows.append(
-                f"| {device.type} | {batch} | {tau} | {100 * kept / 1024:.1f} % | "
+                f"| {device.type} | {batch} | {tau} | {100 * kept / model.tokens:.1f} % | "
                 f"{slice_flops(model, kept) / 1e9:.1f} | {ms:.0f} |"
             )
     return rows

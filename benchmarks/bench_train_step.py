@@ -30,12 +30,11 @@ def worker(config: dict) -> dict:
     import torch
 
     from napari_apformer.model.apformer import APFormer
-    from napari_apformer.model.losses import training_loss
 
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     model = APFormer(1, 4).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameter_groups(1e-4), lr=1e-4)
     batch = config["batch_size"]
     images = torch.rand(batch, 1, 256, 256)
     masks = torch.randint(0, 4, (batch, 256, 256))
@@ -43,8 +42,10 @@ def worker(config: dict) -> dict:
     for k in range(config["steps"] + 2):
         usage = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
-        out = model(images, 0.9, None, False, config["ssa"])
-        loss = training_loss(out, masks, with_ssa=config["ssa"])["total"]
+        # As `apformer train` asks: step 1 with ssa_every 2 leaves the SSA term out.
+        loss = model.training_losses(
+            images, masks, step=1, ssa_every=1 if config["ssa"] else 2, token_threshold=0.9
+        )["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

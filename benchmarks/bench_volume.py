@@ -97,7 +97,7 @@ def worker(config: dict) -> dict:
     out = {
         "seconds": seconds,
         "slices": result.stats.slices,
-        "kept": result.stats.kept_token_fraction,
+        "kept": result.stats.fraction("kept_tokens"),
         "input_mib": volume.nbytes / 2**20,
         "labels_mib": result.labels.nbytes / 2**20,
         "host_peak_above_mib": rss_mib("VmHWM") - before,

@@ -1,7 +1,9 @@
-"""Cohort runs: shards, resuming, a bad file among good ones, the statistics CSV."""
+"""Cohort runs: shards, resuming, a bad file among good ones, the statistics CSV (its
+columns from the counters the model declares)."""
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +12,13 @@ import pytest
 from conftest import SAMPLE
 from napari_apformer.cli import main
 from napari_apformer.cohort import parse_shard, take_shard
+from test_cli import save_toy_weights, strict_json
+
+CLASS_COLUMNS = [
+    f"{name} ({unit})"
+    for name in ("background", "CSF", "grey matter", "white matter")
+    for unit in ("ml", "voxels")
+]
 
 
 @pytest.fixture
@@ -35,6 +44,21 @@ def test_cohort_run_writes_statistics_and_reports_the_bad_file(cohort, tmp_path,
     out = tmp_path / "out"
     assert main(["predict", str(cohort), "-o", str(out)]) == 1
     rows = read_rows(out / "apformer-stats.csv")
+    assert list(rows[0]) == [
+        "input",
+        "output",
+        "status",
+        "message",
+        "slices",
+        "kept_tokens_percent",
+        "kept_dependencies_percent",
+        "gflops",
+        "gflops_unpruned",
+        "seconds",
+        "ms_per_slice",
+        "device",
+        *CLASS_COLUMNS,
+    ]
     assert [r["status"] for r in rows] == ["done"] * 5 + ["failed"]
     assert "s5.nii.gz" in rows[5]["message"] and "not a readable NIfTI" in rows[5]["message"]
     err = capsys.readouterr().err
@@ -48,7 +72,35 @@ def test_cohort_run_writes_statistics_and_reports_the_bad_file(cohort, tmp_path,
         assert int(first[f"{name} (voxels)"]) == voxels
         assert float(first[f"{name} (ml)"]) == pytest.approx(voxels * np.prod(zooms) / 1000, 1e-3)
     assert int(first["slices"]) == 2 and 0 < float(first["kept_tokens_percent"]) < 100
+    assert 0 < float(first["kept_dependencies_percent"]) < 100
     assert float(first["gflops"]) < float(first["gflops_unpruned"])
+    assert float(first["ms_per_slice"]) > 0
+    stored = strict_json(out / "s0_seg.json")["statistics"]
+    assert float(first["kept_tokens_percent"]) == round(100 * stored["counters"]["kept_tokens"], 2)
+    failed = rows[5]
+    assert all(failed[c] == "" for c in ("slices", "kept_tokens_percent", "gflops"))
+
+
+def test_csv_columns_come_from_the_counters_the_model_declares(cohort, tmp_path, monkeypatch):
+    (cohort / "s5.nii.gz").unlink()
+    weights = save_toy_weights(tmp_path, monkeypatch, n_classes=2)
+    out = tmp_path / "out"
+    assert main(["predict", str(cohort), "-o", str(out), "--weights", str(weights)]) == 0
+    rows = read_rows(out / "apformer-stats.csv")
+    assert list(rows[0])[4:12] == [
+        "slices",
+        "bright_cells_percent",
+        "gflops",
+        "gflops_unpruned",
+        "seconds",
+        "ms_per_slice",
+        "device",
+        "background (ml)",
+    ]
+    for row in rows:
+        stored = strict_json(Path(row["output"]).with_suffix("").with_suffix(".json"))
+        fraction = stored["statistics"]["counters"]["bright_cells"]
+        assert 0 <= fraction <= 1 and float(row["bright_cells_percent"]) == round(100 * fraction, 2)
 
 
 def test_a_rerun_skips_finished_outputs_and_keeps_their_statistics(cohort, tmp_path, capsys):

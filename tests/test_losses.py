@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from napari_apformer.model.losses import (
+from napari_apformer.model.apformer.losses import (
     segmentation_loss,
     ssa_loss,
     token_target,

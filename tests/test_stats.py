@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_apformer.engine.stats import RunStats, slice_flops
-from napari_apformer.model.apformer import TOKENS
+from napari_apformer.engine.stats import RunStats
+from napari_apformer.model.apformer.flops import decoder_flops, first_layer_flops, slice_flops
+from napari_apformer.model.apformer.network import TOKENS
 
 
 def measured_flops(model, keep: torch.Tensor) -> int:
@@ -37,23 +38,29 @@ def test_unpruned_flops_match_spec(official_model):
 def test_run_stats_fractions():
     stats = RunStats(
         slices=2,
-        kept_tokens=1024,
-        kept_dependencies=30,
-        possible_dependencies=60,
+        labels={"kept_tokens": "kept tokens", "kept_dependencies": "kept dependencies"},
         flops=10**9,
         flops_unpruned=4 * 10**9,
         seconds=0.5,
     )
-    assert stats.kept_token_fraction == 0.5
-    assert stats.kept_dependency_fraction == 0.5
+    stats.add("kept_tokens", 1000, 1024)
+    stats.add("kept_tokens", 24, 1024)
+    stats.add("kept_dependencies", 30, 60)
+    assert stats.counters == {"kept_tokens": [1024, 2048], "kept_dependencies": [30, 60]}
+    assert stats.fraction("kept_tokens") == 0.5
+    assert stats.fraction("kept_dependencies") == 0.5
+    assert stats.fraction("not counted") == 0.0
     assert stats.ms_per_slice == 250
-    assert "50.0 %" in stats.summary()
+    assert stats.fractions_text() == "kept tokens 50.0 %, kept dependencies 50.0 %"
+    assert stats.summary() == (
+        "2 slice(s) on cpu: kept tokens 50.0 %, kept dependencies 50.0 %, 1.0 of 4.0 GFLOP, "
+        "250 ms per slice"
+    )
+    assert RunStats(slices=1).summary() == "1 slice(s) on cpu: 0.0 of 0.0 GFLOP, 0 ms per slice"
 
 
 @pytest.mark.parametrize("kept", [TOKENS, 300])
 def test_counted_flops_with_cached_first_layer_equal_measured(official_model, kept):
-    from napari_apformer.engine.stats import decoder_flops, first_layer_flops
-
     keep = torch.zeros(1, TOKENS, dtype=torch.bool)
     keep[0, :kept] = True
     with torch.inference_mode():

@@ -1,10 +1,12 @@
 """Training: data checks before training, a few steps on tiny images, resume, the release
-layout, augmentation, learnable gates and torchrun (not for quality)."""
+layout, augmentation, learnable gates and torchrun (not for quality); the loop asks the model
+for its losses and parameter groups, so a family defined in a test trains too."""
 
 import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import imageio.v3 as iio
 import numpy as np
@@ -13,10 +15,27 @@ import torch
 
 from napari_apformer.cli import main
 from napari_apformer.model import APFormer, load_model
+from napari_apformer.model.apformer.losses import training_loss
 from napari_apformer.model.card import Normalisation
-from napari_apformer.model.losses import training_loss
 from napari_apformer.train import datasets
 from napari_apformer.train.augment import Augmentation
+from test_cli import ToyNet
+
+
+class TrainableToy(ToyNet):
+    """The toy family of test_cli with training losses and parameter groups."""
+
+    family = "toy"
+    seen_options: ClassVar[dict] = {}
+
+    def training_losses(self, x, target, step, **options):
+        TrainableToy.seen_options = dict(options)
+        logits = self.predict(x, **{k: options[k] for k in ("bias", "scale")}).logits
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        return {"total": loss, "cross_entropy": loss}
+
+    def parameter_groups(self, learning_rate, **options):
+        return [{"params": list(self.parameters()), "lr": learning_rate}]
 
 
 def tiny_folder(root, count=4, size=(40, 48), label=2):
@@ -42,31 +61,61 @@ def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys
     data = tiny_folder(tmp_path / "data")
     out = tmp_path / "w" / "tiny"
     common = ["--images", data, "-o", out, "--steps-per-epoch", 1, "--batch-size", 2]
-    assert run_cli(*common, "--epochs", 1, "--classes", "background,core,rim") == 0
+    classes = ["--classes", "background,core,rim"]
+    assert run_cli(*common, "--epochs", 1, *classes, "--set", "token_threshold=0.8") == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert [c["name"] for c in card["classes"]] == ["background", "core", "rim"]
     assert set(card["metrics"]["validation_dice"]) == {"background", "core", "rim"}
+    assert set(card["metrics"]["validation_dice_unpruned"]) == {"background", "core", "rim"}
+    assert 0 < card["metrics"]["validation_kept_tokens"] <= 1
+    assert 0 < card["metrics"]["validation_kept_dependencies"] <= 1
     assert card["training"]["steps_run"] == 1 and "apformer train" in card["training"]["command"]
-    assert not card["placeholder"]
+    assert not card["placeholder"] and card["card_version"] == 2
+    assert card["architecture"]["family"] == "apformer"
+    assert card["architecture"]["sizes"]["widths"] == [16, 32, 64, 128]
+    assert card["settings"] == {"token_threshold": 0.8, "gate": [-2.0] * 4}
     model = load_model(out.with_suffix(".safetensors"))  # SHA-256 checked
-    assert model.n_classes == 3
+    assert model.n_classes == 3 and model.defaults() == card["settings"]
     for suffix in (".train-log.csv", ".train-curves.png", ".train-state.pt"):
         assert out.with_suffix(suffix).is_file()
     state = out.with_suffix(".train-state.pt")
     assert run_cli(*common, "--epochs", 2, "--resume", state) == 0
     rows = out.with_suffix(".train-log.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[-1].startswith("2,2,")  # epoch 2 continued at step 2
+    assert rows[0].endswith(",mean_foreground_dice,kept_tokens,kept_dependencies")
     assert "best validation Dice" in capsys.readouterr().out
 
     sweep_out = tmp_path / "sweep" / "tiny"
     args = ["sweep", "--images", data, "--weights", out.with_suffix(".safetensors"), "-o"]
     assert main([*map(str, args), str(sweep_out), "--thresholds", "1.0,0.3", "--gates", "-2"]) == 0
     table = capsys.readouterr().out
+    assert table.startswith(  # the resumed run was given no class names
+        "| token threshold | dependency gate | Dice class 1 | Dice class 2 | mean Dice | "
+        "kept tokens | kept dependencies | GFLOP per slice |\n"
+    )
     assert table.count("\n| 1 | -2 |") == 1 and "| 0.3 | -2 |" in table
     rows = sweep_out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0] == (
+        "token_threshold,gate,dice_background,dice_class 1,dice_class 2,mean_foreground_dice,"
+        "kept_tokens,kept_dependencies,gflops_per_slice"
+    )
     assert len(rows) == 3 and rows[1].split(",")[-3] == "1.00000"  # all tokens kept at 1.0
     assert float(rows[2].split(",")[-1]) <= float(rows[1].split(",")[-1])
     assert sweep_out.with_suffix(".png").is_file() and sweep_out.with_suffix(".md").is_file()
+    # The same grid with --set (values separated by semicolons, per-layer values by commas)
+    grid = ["--set", "gate=-2,-2,-2,-2", "--set", "token_threshold=1.0;0.3"]
+    assert main([*map(str, args), str(sweep_out), *grid]) == 0
+    assert capsys.readouterr().out == table
+    assert sweep_out.with_suffix(".csv").read_text().splitlines() == rows
+    assert main([*map(str, args), str(sweep_out), "--set", "gate=-2;-1,-1,0,0"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| 0.9 | -2 |") == 1 and table.count("\n| 0.9 | -1/-1/0/0 |") == 1
+    assert main([*map(str, args), str(sweep_out), "--set", "tau=0.5"]) == 1
+    assert "their settings: token_threshold, gate" in capsys.readouterr().err
+    assert main([*map(str, args), str(sweep_out), "--gates", "-2", "--set", "gate=0"]) == 1
+    assert "given twice" in capsys.readouterr().err
+    assert main([*map(str, args), str(sweep_out), "--thresholds", "0.5,nan"]) == 1
+    assert "token_threshold must be in (0, 1], got nan" in capsys.readouterr().err
 
 
 def test_weight_average_is_saved_and_resumed(tmp_path):
@@ -88,6 +137,19 @@ def test_weight_average_is_saved_and_resumed(tmp_path):
         == 0
     )
     assert main(["train", "--images", str(data), "-o", str(out), "--ema", "1"]) == 1
+
+
+def test_validation_names_the_counters_by_their_labels():
+    from napari_apformer.train.loop import Validation
+
+    validation = Validation(
+        [1.0, 0.5, 0.7],
+        [1.0, 0.6, 0.8],
+        {"kept_tokens": 0.391, "kept_dependencies": 0.5},
+        {"kept_tokens": "kept tokens"},
+    )
+    assert validation.mean_foreground == pytest.approx(0.6)
+    assert validation.counters_text() == "kept tokens 39 %, kept_dependencies 50 %"
 
 
 def test_weight_average_update_follows_its_decay():
@@ -133,6 +195,58 @@ def test_bad_data_is_reported_before_training(tmp_path, capsys, problem, message
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_family_defined_in_a_test_trains_through_its_own_losses(tmp_path, monkeypatch):
+    from napari_apformer.model import base
+
+    monkeypatch.setitem(base._FAMILIES, "toy", TrainableToy)
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "w" / "toy"
+    common = ["--images", data, "-o", out, "--steps-per-epoch", 2, "--batch-size", 2]
+    assert run_cli(*common, "--family", "toy", "--set", "scale=0.5,1.5") == 0
+    assert TrainableToy.seen_options == {
+        "bias": 0.0,
+        "scale": [0.5, 1.5],
+        "ssa_every": 1,
+        "gate_sparsity": 0.05,
+    }
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["architecture"] == {"family": "toy", "variant": "small", "sizes": {"hidden": 4}}
+    assert card["settings"] == {"bias": 0.0, "scale": [0.5, 1.5]}
+    assert set(card["metrics"]) >= {"validation_dice", "validation_bright_cells"}
+    model = load_model(out.with_suffix(".safetensors"))
+    assert model.family == "toy" and model.defaults() == card["settings"]
+    # Fine-tuning keeps the family, sizes and settings of the weights it starts from
+    again = tmp_path / "w" / "again"
+    init = ["--init", out.with_suffix(".safetensors")]
+    assert run_cli("--images", data, "-o", again, "--steps-per-epoch", 1, *init) == 0
+    card = json.loads(again.with_suffix(".json").read_text())
+    assert card["architecture"]["family"] == "toy" and card["settings"]["scale"] == [0.5, 1.5]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--family", "nope"], "unknown model family 'nope'; known families: apformer"),
+        (["--family", "plain"], "the toy family declares no training losses"),
+        (["--family", "toy", "--learnable-gates"], "the toy family has no gates to learn"),
+        (["--set", "tau=0.5"], "apformer weights have no setting 'tau'"),
+        (["--set", "gate=-20"], "gate must be in [-10, 10], got -20"),
+    ],
+)
+def test_bad_model_options_are_reported_before_the_data_is_read(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    from napari_apformer.model import base
+
+    monkeypatch.setitem(base._FAMILIES, "toy", TrainableToy)
+    if "plain" in flags:
+        monkeypatch.setitem(base._FAMILIES, "toy", ToyNet)
+        flags = ["--family", "toy"]
+    assert run_cli("--images", tmp_path / "missing", "-o", tmp_path / "w", *flags) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "missing" not in err
 
 
 def test_release_layout_reads_binary_masks(tmp_path):

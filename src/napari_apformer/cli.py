@@ -1,11 +1,19 @@
-"""apformer predict | info: the command line, wired to the same engine as the widget."""
+"""apformer predict | info: the command line, wired to the same engine as the widget.
+
+Run-time settings come from what the weights' model family declares (`apformer info` lists
+them): `--set NAME=VALUE`, with the flags users already know (`--token-threshold`, `--gate`)
+as aliases of the settings of those names.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import re
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from napari_apformer import __version__, cohort
@@ -18,12 +26,20 @@ from napari_apformer.train.command import add_sweep_parser, add_train_parser
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".png", ".tif", ".tiff")
 LABEL_STEM_SUFFIX = "_seg"
+# Flags users already know: each is `--set NAME=VALUE` for the setting NAME, and an error for
+# weights whose family has no setting of that name.
+SETTING_ALIASES = {"--token-threshold": "token_threshold", "--gate": "gate"}
+# Options whose value may begin with a minus sign ("--gate -2,-2,-1,0"): argparse would take
+# such a value for an option of its own.
+NUMBER_OPTIONS = ("--set", "--token-threshold", "--gate", "--thresholds", "--gates")
+_NEGATIVE = re.compile(r"-[0-9.]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = list(sys.argv[1:] if argv is None else argv)  # recorded by train
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(join_negative_values(given))
+    args.command_line = given  # recorded by train
     try:
         return args.run(args)
     except InputError as error:
@@ -65,20 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder, or a file name when there is one input file",
     )
     add_model_options(predict)
-    predict.add_argument(
-        "--token-threshold",
-        type=float,
-        default=None,
-        help="tau_q in (0, 1]: prune tokens whose background probability is at "
-        "least this; 1 keeps all (default: the weights' own)",
-    )
-    predict.add_argument(
-        "--gate",
-        type=parse_gate,
-        default=None,
-        help="dependency gate, one value or one per layer separated by commas "
-        "(default: the weights' own)",
-    )
+    add_setting_options(predict)
     predict.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
     predict.add_argument(
         "--axis",
@@ -120,10 +123,125 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_sweep_parser(commands)
 
-    info = commands.add_parser("info", help="weights, devices and versions")
+    info = commands.add_parser(
+        "info",
+        help="what weights hold (family, sizes, settings, maps, counters), devices, versions",
+    )
+    info.add_argument(
+        "weights_file",
+        nargs="?",
+        default=None,
+        metavar="WEIGHTS",
+        help="shipped weights name or a .safetensors/.pth file (default: the shipped default)",
+    )
     add_model_options(info)
     info.set_defaults(run=run_info)
     return parser
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--gate -2,-1` as `--gate=-2,-1`, so that argparse reads the value as one."""
+    out: list[str] = []
+    k = 0
+    while k < len(argv):
+        item = argv[k]
+        if item == "--":
+            return out + list(argv[k:])
+        following = argv[k + 1] if k + 1 < len(argv) else None
+        if item in NUMBER_OPTIONS and following is not None and _NEGATIVE.match(following):
+            out.append(f"{item}={following}")
+            k += 2
+            continue
+        out.append(item)
+        k += 1
+    return out
+
+
+def add_setting_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a run-time setting of the model (repeatable; `apformer info` lists each "
+        "setting, its range and default): one number, or for a per-layer setting one per "
+        "layer separated by commas, e.g. --set gate=-2,-2,-1,0 (default: the weights' own)",
+    )
+    parser.add_argument(
+        "--token-threshold",
+        default=None,
+        metavar="TAU",
+        help="the same as --set token_threshold=TAU (APFormer: prune tokens whose "
+        "background probability is at least TAU, in (0, 1]; 1 keeps all)",
+    )
+    parser.add_argument(
+        "--gate",
+        default=None,
+        metavar="G[,G...]",
+        help="the same as --set gate=G (APFormer: the dependency gate, one value for all "
+        "layers or one per layer separated by commas)",
+    )
+
+
+def parse_setting_value(text: str) -> str | list[str]:
+    """'0.5' or '-2,-2,-1,0': one value, or one per layer (checked by the model's Setting)."""
+    parts = [part.strip() for part in text.split(",")]
+    return parts[0] if len(parts) == 1 else parts
+
+
+def split_assignment(text: str, flag: str = "--set") -> tuple[str, str]:
+    """'NAME=VALUE' as (NAME, VALUE); InputError if it is not of that form."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip() or not value.strip():
+        raise InputError(f"{flag} takes NAME=VALUE (e.g. {flag} gate=-2,-2,-1,0), got {text!r}")
+    return name.strip(), value.strip()
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """Setting name -> (the flag that gave it, its value as text) from `--set` and the alias
+    flags; InputError for a malformed `--set` or a setting given twice."""
+    given: dict[str, tuple[str, object]] = {}
+
+    def add(name: str, flag: str, value: object) -> None:
+        if name in given:
+            raise InputError(f"setting {name} is given twice ({given[name][0]} and {flag})")
+        given[name] = (flag, value)
+
+    for text in getattr(args, "settings", None) or []:
+        name, value = split_assignment(text)
+        add(name, f"--set {name}", parse_setting_value(value))
+    for flag, name in SETTING_ALIASES.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            add(name, flag, parse_setting_value(str(value)))
+    return given
+
+
+def check_known_settings(model, given: Mapping[str, tuple[str, object]]) -> None:
+    """InputError naming the flag when the model declares no setting of a given name, with
+    the settings it has."""
+    declared = [s.name for s in model.settings()]
+    for name, (flag, _) in given.items():
+        if name not in declared:
+            raise InputError(
+                f"{flag}: {model.family} weights have no setting {name!r}; their settings: "
+                f"{', '.join(declared) or 'none'}"
+            )
+
+
+def settings_from_arguments(args: argparse.Namespace, segmenter) -> dict:
+    """Every setting's value for this run, checked once (before any file is read)."""
+    given = given_settings(args)
+    check_known_settings(segmenter.model, given)
+    return segmenter.check_settings({name: value for name, (_, value) in given.items()})
+
+
+def format_value(value: object) -> str:
+    """A setting's value as the command line takes it: 0.9, or -2,-2,-1,0 per layer."""
+    if isinstance(value, list | tuple):
+        return ",".join(format_value(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -135,14 +253,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda[:N], mps"
     )
-
-
-def parse_gate(text: str) -> float | list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or list of numbers: {text!r}") from None
-    return values[0] if len(values) == 1 else values
 
 
 def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
@@ -215,8 +325,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     segmenter = load_segmenter(args, args.batch_size)
-    segmenter.check_settings(args.token_threshold, args.gate)  # once, not once per file
-    table = cohort.StatisticsTable(segmenter.card.class_names)
+    args.setting_values = settings_from_arguments(args, segmenter)  # once, not once per file
+    table = cohort.StatisticsTable(
+        segmenter.card.class_names, [c.name for c in segmenter.model.counter_specs()]
+    )
     internal = False
     try:
         for source, target in zip(files, outputs, strict=True):
@@ -294,7 +406,7 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     )
     if image.is_volume and compound_suffix(target) == ".png":
         raise InputError("PNG holds 2D labels only; write volumes as .tif or .nii.gz", target)
-    job = segmenter.start(image, token_threshold=args.token_threshold, gate=args.gate)
+    job = segmenter.start(image, **args.setting_values)
     progress_bar = tqdm(  # disable=None: only on a terminal
         total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr, disable=None
     )
@@ -307,7 +419,8 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     voxel = cohort.voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
     statistics = cohort.statistics_of(result, segmenter.card.class_names, voxel)
     # The sidecar first: an output whose label file exists is complete, so a rerun skips it.
-    write_class_table(target, {**class_table(segmenter, result), "statistics": statistics})
+    sidecar = {**class_table(segmenter, result), "statistics": statistics}
+    write_class_table(target, finite_json(sidecar))
     write_labels(target, result.labels, image_file)
     print(f"{target}: {result.stats.summary()}")
     return statistics
@@ -319,10 +432,22 @@ def class_table(segmenter, result) -> dict:
         "labels": card.class_table(),
         "weights": card.name,
         "weights_sha256": card.sha256,
-        "token_threshold": result.token_threshold,
-        "gates": result.gates,
+        "family": segmenter.model.family,
+        "variant": segmenter.model.variant,
+        "settings": dict(result.settings),
         "generator": f"napari-apformer {__version__}",
     }
+
+
+def finite_json(value: object) -> object:
+    """`value` with every NaN or infinite number replaced by None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {key: finite_json(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def slice_axis(axis: str, is_nifti: bool, source: Path) -> int:
@@ -339,21 +464,105 @@ def run_info(args: argparse.Namespace) -> int:
     from napari_apformer.engine.device import available_devices, resolve_device
     from napari_apformer.weights import resolve_weights, shipped_weights
 
+    if args.weights_file is not None:
+        if args.weights is not None and args.weights != args.weights_file:
+            raise InputError(f"two weights given: {args.weights_file} and --weights {args.weights}")
+        args.weights = args.weights_file
     segmenter = load_segmenter(args)
     card = segmenter.card
     print(
         f"napari-apformer {__version__}, Python {platform.python_version()}, "
         f"torch {torch.__version__}"
     )
-    print(f"weights: {card.name} ({resolve_weights(args.weights)})")
-    print(f"  classes: {', '.join(card.class_names)}; input channels: {card.in_channels}")
     print(
-        f"  token threshold {card.token_threshold}, gates {card.gates}"
-        + ("; PLACEHOLDER (random)" if card.placeholder else "")
+        f"weights: {card.name} ({resolve_weights(args.weights)})"
+        + ("; PLACEHOLDER (random weights: their labels mean nothing)" if card.placeholder else "")
     )
+    for line in describe_model(segmenter.model, card):
+        print(f"  {line}")
     print(f"shipped weights: {', '.join(shipped_weights()) or 'none'}")
     print(f"devices: {', '.join(available_devices())}; selected: {resolve_device(args.device)}")
     return 0
+
+
+def describe_model(model, card) -> list[str]:
+    """What `apformer info` says about a model: everything here comes from what its family
+    declares and what its card records."""
+    from napari_apformer.model.base import CachedSplit, QueryAttention, Searchable, Trainable
+
+    channels = f"{model.in_channels} channel{'s' if model.in_channels != 1 else ''}"
+    lines = [
+        f"family: {model.family} (variant {model.variant})",
+        f"sizes: {compact_sizes(model.sizes())}",
+        f"input: {model.input_rule.describe()}, {channels}",
+        "classes: " + ", ".join(f"{c.value} {c.name}" for c in card.classes),
+    ]
+    settings = model.settings()
+    lines.append("settings (--set NAME=VALUE):" if settings else "settings: none")
+    for s in settings:
+        lower = "(" if s.low_open else "["
+        kind = f"one per layer ({s.per_layer})" if s.per_layer else "one value"
+        lines.append(
+            f"  {s.name}: {s.label}, {kind}, default {format_value(s.default)}, range "
+            f"{lower}{s.low:g}, {s.high:g}]"
+        )
+        lines += textwrap.wrap(s.help, 88, initial_indent="    ", subsequent_indent="    ")
+    maps = model.map_specs()
+    lines.append("maps: none" if not maps else "maps:")
+    for m in maps:
+        where = f"{m.stride} x {m.stride} pixel cells" if m.stride > 1 else "pixels"
+        detail = f"; {m.help}" if m.help else ""
+        lines += textwrap.wrap(
+            f"{m.name}: {m.label} ({m.kind}, on {where}){detail}",
+            88,
+            initial_indent="  ",
+            subsequent_indent="    ",
+        )
+    counters = model.counter_specs()
+    lines.append("counters: " + (", ".join(f"{c.name} ({c.label})" for c in counters) or "none"))
+    capabilities = [
+        text
+        for protocol, text in (
+            (CachedSplit, "cached encode/decode split"),
+            (QueryAttention, "attention of a query point"),
+            (Trainable, "training (apformer train)"),
+            (Searchable, "searchable dimensions (compression)"),
+        )
+        if isinstance(model, protocol)
+    ]
+    lines += textwrap.wrap(
+        f"capabilities: {', '.join(capabilities) or 'none'}", 88, subsequent_indent="    "
+    )
+    normalisation = card.normalisation
+    lines.append(
+        f"normalisation: {normalisation.method} {normalisation.low:g} to {normalisation.high:g}"
+    )
+    for label, text in (
+        ("description", card.description),
+        ("trained on", card.training.get("data", "")),
+        ("licence", card.licence),
+    ):
+        if text:
+            lines += textwrap.wrap(
+                f"{label}: {text}", 88, subsequent_indent="    ", break_on_hyphens=False
+            )
+    return lines
+
+
+def compact_sizes(sizes: Mapping[str, object]) -> str:
+    """{'widths': [16, 32], 'layers': [{...}] * 4} as 'widths 16, 32; layers 4 x (...)'."""
+
+    def text(value: object) -> str:
+        if isinstance(value, Mapping):
+            return "(" + ", ".join(f"{k} {text(v)}" for k, v in value.items()) + ")"
+        if isinstance(value, list | tuple):
+            if len(value) > 1 and all(v == value[0] for v in value):
+                return f"{len(value)} x {text(value[0])}"
+            separator = " " if any(isinstance(v, Mapping) for v in value) else ", "
+            return separator.join(text(v) for v in value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return "; ".join(f"{key} {text(value)}" for key, value in sizes.items())
 
 
 if __name__ == "__main__":

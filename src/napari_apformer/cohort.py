@@ -20,19 +20,10 @@ from napari_apformer.io.files import write_atomically
 from napari_apformer.io.formats import class_table_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
-COLUMNS = (
-    "input",
-    "output",
-    "status",
-    "message",
-    "slices",
-    "kept_tokens_percent",
-    "kept_dependencies_percent",
-    "gflops",
-    "gflops_unpruned",
-    "seconds",
-    "device",
-)
+# Per file, before the model's counters (one column NAME_percent each) and after them; the
+# classes' sizes follow.
+LEADING_COLUMNS = ("input", "output", "status", "message", "slices")
+COST_COLUMNS = ("gflops", "gflops_unpruned", "seconds", "ms_per_slice", "device")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -54,17 +45,18 @@ def take_shard(files: Sequence[Path], shard: tuple[int, int] | None) -> list[Pat
 
 
 def statistics_of(result, class_names: Sequence[str], voxel_mm3: float | None) -> dict:
-    """What a run did to one file, JSON-ready: pruning, cost, time and per-class sizes."""
+    """What a run did to one file, JSON-ready: the model's counters as fractions under their
+    names (None where nothing was counted), cost, time and per-class sizes."""
     stats = result.stats
     counts = np.bincount(result.labels.ravel(), minlength=len(class_names))
     voxels = {name: int(counts[k]) for k, name in enumerate(class_names)}
     return {
         "slices": stats.slices,
-        "kept_tokens_percent": round(100 * stats.kept_token_fraction, 2),
-        "kept_dependencies_percent": round(100 * stats.kept_dependency_fraction, 2),
+        "counters": {name: counter_fraction(stats, name) for name in stats.labels},
         "gflops": round(stats.gflops, 3),
         "gflops_unpruned": round(stats.gflops_unpruned, 3),
         "seconds": round(stats.seconds, 3),
+        "ms_per_slice": round(stats.ms_per_slice, 1),
         "device": stats.device,
         "voxels": voxels,
         "volumes_ml": (
@@ -73,6 +65,16 @@ def statistics_of(result, class_names: Sequence[str], voxel_mm3: float | None) -
             else None
         ),
     }
+
+
+def counter_fraction(stats, name: str) -> float | None:
+    """count / out of, summed over the run's slices; None when it is out of nothing."""
+    count, total = stats.counters.get(name, (0, 0))
+    return round(count / total, 6) if total else None
+
+
+def counter_column(name: str) -> str:
+    return f"{name}_percent"
 
 
 def voxel_volume_mm3(spacing: Sequence[float] | None, is_nifti: bool) -> float | None:
@@ -93,11 +95,23 @@ def stored_statistics(labels_path: Path) -> dict | None:
 
 
 class StatisticsTable:
-    """One row per input file; written as CSV (atomically) when the run ends."""
+    """One row per input file; written as CSV (atomically) when the run ends. The columns
+    after `slices` come from the counters the model declares (`counters`: their names), as
+    percentages."""
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], counters: Sequence[str] = ()) -> None:
         self.class_names = list(class_names)
+        self.counters = list(counters)
         self.rows: list[dict] = []
+
+    @property
+    def columns(self) -> list[str]:
+        return [
+            *LEADING_COLUMNS,
+            *(counter_column(name) for name in self.counters),
+            *COST_COLUMNS,
+            *(f"{name} ({unit})" for name in self.class_names for unit in ("ml", "voxels")),
+        ]
 
     def add(
         self,
@@ -110,7 +124,16 @@ class StatisticsTable:
         row: dict = {"input": str(source), "output": str(target), "status": status}
         row["message"] = message
         statistics = statistics or {}
-        row.update({key: statistics.get(key, "") for key in COLUMNS[4:]})
+        row["slices"] = statistics.get("slices", "")
+        fractions = statistics.get("counters")
+        for name in self.counters:
+            column = counter_column(name)
+            if isinstance(fractions, dict):
+                fraction = fractions.get(name)
+                row[column] = "" if fraction is None else round(100 * fraction, 2)
+            else:  # a sidecar written before the counters were named by the model
+                row[column] = statistics.get(column, "")
+        row.update({key: statistics.get(key, "") for key in COST_COLUMNS})
         volumes = statistics.get("volumes_ml") or {}
         voxels = statistics.get("voxels") or {}
         for name in self.class_names:
@@ -123,8 +146,7 @@ class StatisticsTable:
 
     def write(self, path: Path) -> None:
         text = io.StringIO()
-        columns = list(self.rows[0]) if self.rows else [*COLUMNS]  # every row has all columns
-        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), "utf-8"))

@@ -1,4 +1,6 @@
-"""`apformer train`: arguments, data set assembly and the model card (torch loads lazily)."""
+"""`apformer train` and `apformer sweep`: arguments, data set assembly and the model card
+(torch loads lazily). The model family, its settings and its input size come from the
+family's declarations (model.base); training slices are prepared at the model's input size."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ DATA_KINDS = ("mni152", "images", "nifti", "release")
 def add_train_parser(commands) -> None:
     parser = commands.add_parser(
         "train",
-        help="train APFormer weights (writes safetensors + model card)",
+        help="train weights of a model family (writes safetensors + model card)",
         description="Train on one of: the MNI152 template in the nilearn wheel (--mni152), "
         "folders images/ + masks/ of PNG/TIFF (--images), NIfTI images/ + labels/ "
         "(--nifti), or the authors' release layout img/ labelcol/ MainPatient/ (--release). "
@@ -36,6 +38,21 @@ def add_train_parser(commands) -> None:
         help="class names in label order, comma separated (default: from the "
         "data set, or 'background,class 1,...')",
     )
+    parser.add_argument(
+        "--family",
+        default=None,
+        help="model family to train (default: apformer, or that of --init)",
+    )
+    parser.add_argument("--variant", default=None, help="the family's variant (default: its first)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a run-time setting the weights will carry, used in training and validation "
+        "(repeatable; default: the family's, or those of --init)",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -45,7 +62,7 @@ def add_train_parser(commands) -> None:
         "--ssa-every",
         type=int,
         default=1,
-        help="compute the SSA loss every n-th step (1 = every step, the spec)",
+        help="APFormer: compute the SSA loss every n-th step (1 = every step, the spec)",
     )
     parser.add_argument(
         "--max-minutes",
@@ -58,13 +75,13 @@ def add_train_parser(commands) -> None:
     parser.add_argument(
         "--learnable-gates",
         action="store_true",
-        help="beyond the release: learn the dependency gates (straight-through)",
+        help="APFormer only, beyond the release: learn the dependency gates (straight-through)",
     )
     parser.add_argument(
         "--gate-sparsity",
         type=float,
         default=0.05,
-        help="weight of the kept-dependency penalty with --learnable-gates",
+        help="APFormer: weight of the kept-dependency penalty with --learnable-gates",
     )
     parser.add_argument(
         "--ema",
@@ -73,7 +90,12 @@ def add_train_parser(commands) -> None:
         metavar="DECAY",
         help="validate and save an exponential moving average of the weights (e.g. 0.99; 0 = off)",
     )
-    parser.add_argument("--init", type=Path, default=None, help="start from these weights")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (their family, sizes and settings)",
+    )
     parser.add_argument("--resume", type=Path, default=None, help="a .train-state.pt file")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run_train)
@@ -108,20 +130,79 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sweep_parser(commands) -> None:
     parser = commands.add_parser(
         "sweep",
-        help="Dice and GFLOP over token thresholds and gates on labelled data",
+        help="Dice and GFLOP over a grid of run-time settings on labelled data",
         description="Segment the validation slices of a labelled data set (the same split as "
-        "`apformer train` makes) for every token threshold and gate given; print a table and "
-        "write OUT.csv, OUT.md and OUT.png (mean Dice against GFLOP per slice).",
+        "`apformer train` makes) at every combination of the settings given; print a table "
+        "and write OUT.csv, OUT.md and OUT.png (mean Dice against GFLOP per slice). "
+        "Settings are those the weights' family declares (`apformer info` lists them); "
+        "without any, the weights' own settings and those under which nothing is skipped.",
     )
     add_data_arguments(parser)
     parser.add_argument("--weights", default=None, help="shipped name or weights file")
-    parser.add_argument("--thresholds", default="1.0,0.95,0.9,0.8,0.7,0.6,0.5,0.4,0.3")
-    parser.add_argument("--gates", default="-4,-2,0,2")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=V1;V2;...",
+        help="values of one setting, separated by semicolons (quote them); a per-layer "
+        "value is one number or one per layer separated by commas, e.g. "
+        "--set 'gate=-2;-2,-2,-1,0' (repeatable: the grid is every combination, the last "
+        "setting varying fastest and labelling the plot's points)",
+    )
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="T1,T2,...",
+        help="the same as --set token_threshold=T1;T2;... (APFormer), e.g. 1.0,0.9,0.7,0.5",
+    )
+    parser.add_argument(
+        "--gates",
+        default=None,
+        metavar="G1,G2,...",
+        help="the same as --set gate=G1;G2;... (APFormer: each value for every layer), "
+        "e.g. -4,-2,0,2",
+    )
     parser.add_argument("--split", choices=("val", "train", "all"), default="val")
     parser.add_argument("--seed", type=int, default=0, help="the split's seed (as in train)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output path, no suffix")
     parser.add_argument("--threads", type=int, default=None)
     parser.set_defaults(run=run_sweep, classes=None)
+
+
+# Sweep flags users already know: each is a list of single values of one setting.
+SWEEP_ALIASES = {"--gates": "gate", "--thresholds": "token_threshold"}
+
+
+def sweep_axes(args: argparse.Namespace, model) -> dict[str, list[object]]:
+    """Setting name -> the values to sweep, from --set and the alias flags (aliases last, the
+    thresholds fastest); every grid point checked against the model."""
+    from napari_apformer.cli import check_known_settings, parse_setting_value, split_assignment
+    from napari_apformer.train.sweep import grid
+
+    axes: dict[str, list[object]] = {}
+    flags: dict[str, tuple[str, object]] = {}
+    for text in args.settings:
+        name, values = split_assignment(text)
+        flags.setdefault(name, (f"--set {name}", None))
+        if name in axes:
+            raise InputError(f"setting {name} is given twice")
+        axes[name] = [parse_setting_value(v) for v in values.split(";") if v.strip()]
+    for flag, name in SWEEP_ALIASES.items():
+        text = getattr(args, flag[2:])
+        if text is None:
+            continue
+        if name in axes:
+            raise InputError(f"setting {name} is given twice ({flags[name][0]} and {flag})")
+        flags[name] = (flag, None)
+        axes[name] = [v.strip() for v in text.split(",") if v.strip()]
+    check_known_settings(model, flags)
+    for name, values in axes.items():
+        if not values:
+            raise InputError(f"{flags[name][0]}: no values given")
+    for point in grid(axes):
+        model.resolve_settings(point)
+    return axes
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -134,37 +215,43 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        thresholds = [float(v) for v in args.thresholds.split(",")]
-        gates = [float(v) for v in args.gates.split(",")]
-    except ValueError:
-        raise InputError("--thresholds and --gates take numbers separated by commas") from None
     model = load_model(resolve_weights(args.weights))
+    axes = sweep_axes(args, model)
+    points = sweep.grid(axes) if axes else [{}, model.unpruned_settings()]
     card = model.card
-    train_set, val_set, _, data_text, _ = load_data(args, card.normalisation, card.n_classes)
+    train_set, val_set, _, data_text, _ = load_data(
+        args, card.normalisation, card.n_classes, model.input_rule
+    )
     data = {"val": val_set, "train": train_set, "all": SliceSet.join([train_set, val_set])}[
         args.split
     ]
     if len(data) == 0:
         raise InputError(f"no {args.split} slices to sweep")
-    rows = sweep.sweep(model, data, thresholds, gates)
+    rows = sweep.sweep(model, data, points)
     names = [c.name for c in card.classes]
-    text = sweep.table(rows, names)
+    text = sweep.table(rows, names, model)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sweep.write_csv(rows, names, args.out.with_suffix(".csv"))
     header = (
-        f"Weights `{card.name}`, {len(data)} {args.split} slices of {data_text}.\n\n"
+        f"Weights `{card.name}` ({model.family}), {len(data)} {args.split} slices of "
+        f"{data_text}.\n\n"
         f"Command: `apformer {' '.join(str(a) for a in args.command_line)}`\n\n"
     )
     args.out.with_suffix(".md").write_text(header + text + "\n", "utf-8")
-    sweep.plot(rows, args.out.with_suffix(".png"), f"{card.name}: {len(data)} {args.split} slices")
+    sweep.plot(
+        rows,
+        args.out.with_suffix(".png"),
+        f"{card.name}: {len(data)} {args.split} slices",
+        list(axes),
+    )
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from napari_apformer.cli import given_settings
     from napari_apformer.model.card import DEFAULT_COLOURS, ClassInfo, ModelCard, Normalisation
     from napari_apformer.train.allocator import keep_freed_memory
     from napari_apformer.train.loop import TrainConfig, train
@@ -178,9 +265,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
     normalisation = Normalisation()
     started = time.perf_counter()
+    given = given_settings(args)
+    family, rule = _family_and_rule(args, given)
+    settings = {name: value for name, (_, value) in given.items()}
     declared = [n.strip() for n in args.classes.split(",")] if args.classes else None
     train_set, val_set, default_classes, data_text, licence = load_data(
-        args, normalisation, len(declared) if declared else 256
+        args, normalisation, len(declared) if declared else 256, rule
     )
     names = declared or [c["name"] for c in default_classes]
     top = int(max(train_set.masks.max(), val_set.masks.max())) if len(train_set) else 0
@@ -195,7 +285,13 @@ def run_train(args: argparse.Namespace) -> int:
             for k, n in enumerate(names)
         ],
         normalisation=normalisation,
-        description=f"APFormer trained with `apformer train` on {data_text}.",
+        architecture={
+            key: value
+            for key, value in (("family", args.family), ("variant", args.variant))
+            if value is not None
+        },
+        settings=settings,
+        description=f"{family} weights trained with `apformer train` on {data_text}.",
         training={
             "command": "apformer " + " ".join(shlex.quote(str(a)) for a in args.command_line),
             "data": data_text,
@@ -240,16 +336,45 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_data(args: argparse.Namespace, normalisation, n_classes: int):
-    """(train, validation, default class table, data description, licence)."""
+def _family_and_rule(args: argparse.Namespace, given: dict):
+    """The family to train and its input rule, before the data (whose slices take that size)
+    are read: from --init's weights, or from the family's sizes (built here, then dropped).
+    The settings given are checked against it."""
+    from napari_apformer.cli import check_known_settings
+    from napari_apformer.model.base import Trainable, build_model
+    from napari_apformer.train.loop import DEFAULT_FAMILY
+
+    if args.init is not None:
+        from napari_apformer.model.checkpoint import load_model
+
+        model = load_model(args.init)
+    else:
+        model = build_model(args.family or DEFAULT_FAMILY, 1, 2, args.variant)
+    if not isinstance(model, Trainable):
+        raise InputError(f"the {model.family} family declares no training losses")
+    if args.learnable_gates and not hasattr(model, "set_learnable_gates"):
+        raise InputError(f"--learnable-gates: the {model.family} family has no gates to learn")
+    check_known_settings(model, given)
+    model.resolve_settings({name: value for name, (_, value) in given.items()})
+    return model.family, model.input_rule
+
+
+def load_data(args: argparse.Namespace, normalisation, n_classes: int, rule=None):
+    """(train, validation, default class table, data description, licence); slices are
+    prepared for a model of input rule `rule` (datasets.training_rule)."""
     from napari_apformer.train import datasets, mni152
 
     if args.mni152 is not None:
         source = None if args.mni152 == "installed" else Path(args.mni152)
-        train_set, val_set = mni152.dataset(source, normalisation)
+        train_set, val_set = mni152.dataset(source, normalisation, rule)
         return train_set, val_set, mni152.CLASSES, mni152.DATA_TEXT, mni152.LICENCE_TEXT
     axes = [int(a) for a in args.axes.split(",")]
-    options = {"in_channels": 1, "normalisation": normalisation, "n_classes": n_classes}
+    options = {
+        "in_channels": 1,
+        "normalisation": normalisation,
+        "n_classes": n_classes,
+        "rule": rule,
+    }
     if args.release is not None:
         train_set = datasets.release_split(args.release, "train", **options)
         val_set = datasets.release_split(args.release, "val", **options)

@@ -1,4 +1,7 @@
-"""Training data as letterboxed 256 x 256 slices, prepared exactly as inference prepares them.
+"""Training data as letterboxed slices of one size, prepared exactly as inference prepares them.
+
+The size is the model's input size (its input rule); a model that takes any multiple of N
+trains on TRAINING_SIZE x TRAINING_SIZE rounded up to that multiple, so that slices stack.
 
 Sources: (a) folders `images/` + `masks/` of 2D PNG/TIFF with the same file names; (b) NIfTI
 image/label pairs (`images/` + `labels/` with the same names) cut into slices along chosen
@@ -21,14 +24,27 @@ from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, stem_of
 from napari_apformer.io.formats import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image_file
 from napari_apformer.io.image_file import ImageFile
+from napari_apformer.model.base import InputRule
 from napari_apformer.model.card import Normalisation
 
 MIN_FOREGROUND = 0.02  # slices with less foreground than this (of the slice) are skipped
+TRAINING_SIZE = 256
+
+
+def training_rule(rule: InputRule | None = None) -> InputRule:
+    """The fixed size training slices get for a model of this input rule (None: the
+    default size)."""
+    if rule is None:
+        return InputRule(size=TRAINING_SIZE)
+    if rule.size is not None:
+        return rule
+    side = -(-TRAINING_SIZE // rule.multiple) * rule.multiple
+    return InputRule(size=side, multiple=rule.multiple)
 
 
 @dataclass
 class SliceSet:
-    """N model-ready slices: images (N, C, 256, 256) in [0, 1], masks (N, 256, 256) int64."""
+    """N model-ready slices: images (N, C, S, S) in [0, 1], masks (N, S, S) int64."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -38,10 +54,18 @@ class SliceSet:
         return self.images.shape[0]
 
     @staticmethod
+    def empty(channels: int = 1, size: int = TRAINING_SIZE) -> SliceSet:
+        return SliceSet(
+            torch.zeros(0, channels, size, size), torch.zeros(0, size, size, dtype=torch.long)
+        )
+
+    @staticmethod
     def join(parts: Sequence[SliceSet]) -> SliceSet:
-        parts = [p for p in parts if len(p)]
-        if not parts:
-            return SliceSet(torch.zeros(0, 1, 256, 256), torch.zeros(0, 256, 256, dtype=torch.long))
+        nonempty = [p for p in parts if len(p)]
+        if not nonempty:
+            first = parts[0] if parts else SliceSet.empty()
+            return SliceSet.empty(first.images.shape[1], first.images.shape[-1])
+        parts = nonempty
         return SliceSet(
             torch.cat([p.images for p in parts]),
             torch.cat([p.masks for p in parts]),
@@ -50,13 +74,14 @@ class SliceSet:
 
 
 def letterbox_mask(mask: np.ndarray, box: Letterbox) -> torch.Tensor:
-    """(H, W) labels to (256, 256), nearest neighbour on the same grid as the image."""
+    """(H, W) labels to the model input's size, nearest neighbour on the same grid as the
+    image."""
     t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     size = (box.inner_height, box.inner_width)
     if size != tuple(mask.shape):
         t = F.interpolate(t, size=size, mode="nearest-exact")
-    bottom = 256 - box.top - box.inner_height
-    right = 256 - box.left - box.inner_width
+    bottom = box.model_height - box.top - box.inner_height
+    right = box.model_width - box.left - box.inner_width
     return F.pad(t, (box.left, right, box.top, bottom))[0, 0].round().long()
 
 
@@ -71,8 +96,11 @@ def volume_slices(
     spacing: tuple[float, ...] | None,
     name: str,
     keep: dict[int, Sequence[int]] | None = None,
+    rule: InputRule | None = None,
 ) -> SliceSet:
-    """Slices of a 2D image or 3D volume and its labels; `keep` limits the slices per axis."""
+    """Slices of a 2D image or 3D volume and its labels; `keep` limits the slices per axis;
+    `rule`: the model's input rule (see training_rule)."""
+    rule = training_rule(rule)
     check_labels(labels, n_classes, name)
     if labels.shape != image.shape[: labels.ndim]:
         raise InputError(f"image shape {image.shape} and label shape {labels.shape} differ", name)
@@ -86,6 +114,7 @@ def volume_slices(
             spacing=spacing,
             source=name,
             rgb=image.ndim == labels.ndim + 1,
+            rule=rule,
         )
         chosen = range(prepared.n_slices) if keep is None else keep.get(axis, [])
         for index in chosen:
@@ -96,7 +125,7 @@ def volume_slices(
             masks.append(letterbox_mask(mask, prepared.letterbox))
             names.append(f"{name}[axis {axis}, slice {index}]" if labels.ndim == 3 else name)
     if not images:
-        return SliceSet.join([])
+        return SliceSet.empty(in_channels, rule.size)  # type: ignore[arg-type]
     return SliceSet(torch.stack(images), torch.stack(masks), names)
 
 
@@ -180,6 +209,7 @@ def load_pairs(
     normalisation: Normalisation,
     n_classes: int,
     axes: Iterable[int] = (0, 1, 2),
+    rule: InputRule | None = None,
 ) -> SliceSet:
     """Read every pair; binary masks stored as 0/255 are read as 0/1."""
     parts = []
@@ -197,8 +227,12 @@ def load_pairs(
                 axes=axes,
                 spacing=image.spacing,
                 name=str(image_path),
+                rule=rule,
             )
         )
+    if not parts:
+        size = training_rule(rule).size
+        return SliceSet.empty(in_channels, size)  # type: ignore[arg-type]
     return SliceSet.join(parts)
 
 

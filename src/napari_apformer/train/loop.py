@@ -1,4 +1,9 @@
-"""The training loop: augmentation, the spec's losses, validation Dice, the best weights.
+"""The training loop: augmentation, the model's own losses, validation Dice, the best weights.
+
+The loop knows the family interface only: the model is built from the card's architecture
+(family, variant, sizes; default family DEFAULT_FAMILY) or loaded from `init`, and asked for
+its losses (`Trainable.training_losses`) and parameter groups; validation runs at the
+weights' own settings and at the settings under which nothing is skipped.
 
 One process trains on the CPU or one GPU (mixed precision on CUDA). Launched by torchrun
 (WORLD_SIZE > 1) it runs DistributedDataParallel, each process on its share of every epoch;
@@ -22,14 +27,14 @@ from torch import nn
 
 from napari_apformer.engine.device import resolve_device
 from napari_apformer.errors import InputError
-from napari_apformer.model.apformer import APFormer
+from napari_apformer.model.base import SegmentationModel, SettingValue, Trainable, build_model
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import save_weights
-from napari_apformer.model.losses import training_loss
 from napari_apformer.train.augment import Augmentation
 from napari_apformer.train.datasets import SliceSet
 
 RANKING_SLICES = 64  # clean training slices that set BatchNorm statistics before each validation
+DEFAULT_FAMILY = "apformer"  # what a card without an architecture trains
 
 
 @dataclass
@@ -41,11 +46,12 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
+    # Loss options (the model's training_losses takes those it knows; APFormer: both)
     ssa_every: int = 1  # compute the SSA term every n-th step (1: every step, as the spec)
     steps_per_epoch: int | None = None  # default: one pass over the training slices
     max_minutes: float | None = None  # stop (validate, save) when this much time has passed
     device: str = "auto"
-    learnable_gates: bool = False
+    learnable_gates: bool = False  # a model with set_learnable_gates only (APFormer)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     gate_sparsity: float = 0.05  # weight of the kept-dependency term with learnable gates
     gate_learning_rate: float = 0.02
@@ -57,14 +63,20 @@ class TrainConfig:
 
 @dataclass
 class Validation:
-    dice: list[float]  # per class at the default token threshold (background first)
-    dice_unpruned: list[float]  # at token threshold 1.0
-    kept_tokens: float
-    kept_dependencies: float
+    dice: list[float]  # per class at the weights' own settings (background first)
+    dice_unpruned: list[float]  # at the settings under which nothing is skipped
+    counters: dict[str, float]  # the model's counters at its own settings, as fractions
+    labels: dict[str, str] = field(default_factory=dict)  # counter name -> label
 
     @property
     def mean_foreground(self) -> float:
         return sum(self.dice[1:]) / max(1, len(self.dice) - 1)
+
+    def counters_text(self) -> str:
+        return ", ".join(
+            f"{self.labels.get(name, name)} {100 * value:.0f} %"
+            for name, value in self.counters.items()
+        )
 
 
 @dataclass
@@ -112,36 +124,82 @@ def check_data(train_set: SliceSet, val_set: SliceSet, n_classes: int) -> None:
             )
 
 
+def build_training_model(card: ModelCard, init: Path | None = None) -> SegmentationModel:
+    """The network to train: the card's architecture (default: DEFAULT_FAMILY's first
+    variant), or the weights `init` with their own architecture and settings. The card's
+    settings override the model's defaults; afterwards the card records the architecture and
+    every setting. InputError if the family cannot be trained or `init` does not fit."""
+    wanted = card.architecture.get("family")
+    if init is not None:
+        from napari_apformer.model.checkpoint import load_model
+
+        model = load_model(init)
+        if wanted and wanted != model.family:
+            raise InputError(f"these are {model.family} weights, not {wanted}", init)
+        if (model.in_channels, model.n_classes) != (card.in_channels, card.n_classes):
+            raise InputError(
+                f"the weights take {model.in_channels} channel(s) and {model.n_classes} "
+                f"classes; the data has {card.in_channels} and {card.n_classes}",
+                init,
+            )
+        model.card = None
+    else:
+        model = build_model(
+            wanted or DEFAULT_FAMILY,
+            card.in_channels,
+            card.n_classes,
+            card.architecture.get("variant"),
+            card.architecture.get("sizes"),
+        )
+    if not isinstance(model, Trainable):
+        raise InputError(f"the {model.family} family declares no training losses")
+    model.set_defaults(model.resolve_settings(card.settings))
+    card.architecture = model.architecture()
+    card.settings = model.defaults()
+    return model
+
+
+class TrainingStep(nn.Module):
+    """The model's training losses as a module's forward pass, so that DistributedDataParallel
+    sees the computation (it synchronises gradients of what runs through its forward)."""
+
+    def __init__(self, model: SegmentationModel, options: dict) -> None:
+        super().__init__()
+        self.model, self.options = model, options
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, step: int) -> dict:
+        return self.model.training_losses(x, target, step, **self.options)  # type: ignore[attr-defined]
+
+
 def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainSummary:
     card = config.card
     check_data(train_set, val_set, card.n_classes)
     dist = Distributed(config.device)
     torch.manual_seed(config.seed)
-    model = APFormer(card.in_channels, card.n_classes)
-    if config.init is not None:
-        from napari_apformer.model.checkpoint import load_model
-
-        model.load_state_dict(load_model(config.init).state_dict())
-    model.set_learnable_gates(config.learnable_gates)
+    model = build_training_model(card, config.init)
+    set_learnable = getattr(model, "set_learnable_gates", None)
+    if config.learnable_gates:
+        if set_learnable is None:
+            raise InputError(f"--learnable-gates: the {model.family} family has no gates to learn")
+        set_learnable(True)
     model.to(dist.device).train()
-    wrapped: nn.Module = model
+    options = {
+        **model.defaults(),
+        "ssa_every": config.ssa_every,
+        "gate_sparsity": config.gate_sparsity,
+    }
+    wrapped: nn.Module = TrainingStep(model, options)
     if dist.world > 1:
         if dist.device.type == "cuda":
-            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            wrapped = nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped,
             device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    gate_params = [
-        layer.gate for layer in model.trans4.attention_layers if layer.gate.requires_grad
-    ]
-    others = [
-        p for p in model.parameters() if p.requires_grad and all(p is not g for g in gate_params)
-    ]
-    groups = [{"params": others}]
-    if gate_params:  # one scalar per layer: Adam moves it by about lr per step, so it needs more
-        groups.append({"params": gate_params, "lr": config.gate_learning_rate, "weight_decay": 0})
+    groups = model.parameter_groups(  # type: ignore[attr-defined]
+        config.learning_rate, gate_learning_rate=config.gate_learning_rate
+    )
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
     per_epoch = config.steps_per_epoch or max(1, len(train_set) // (config.batch_size * dist.world))
@@ -153,7 +211,7 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
     state_path = config.out.with_suffix(".train-state.pt")
     start_epoch, step, best_score = 0, 0, -1.0
     best: Validation | None = None  # the best of this run
-    best_model: APFormer | None = None
+    best_model: SegmentationModel | None = None
     best_at = (0, 0)
     if config.resume is not None:
         start_epoch, step, best_score = _resume(
@@ -175,13 +233,9 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
                 train_set.images[index], train_set.masks[index], generator
             )
             images, masks = images.to(dist.device), masks.to(dist.device)
-            with_ssa = step % config.ssa_every == 0
             with torch.autocast(dist.device.type, enabled=dist.device.type == "cuda"):
-                out = wrapped(images, card.token_threshold, None, False, with_ssa)
-                losses = training_loss(out, masks, with_ssa=with_ssa)
+                losses = wrapped(images, masks, step)
                 total = losses["total"]
-                if config.learnable_gates:
-                    total = total + config.gate_sparsity * model.soft_kept_dependencies(out)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.step(optimizer)
@@ -203,8 +257,8 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
         done_steps = k + 1
         if dist.main:
             evaluated = average.model if average is not None else model
-            recalibrate_batch_norm(evaluated, train_set, card.token_threshold, dist.device)
-            validation = evaluate(evaluated, val_set, card.token_threshold, dist.device)
+            recalibrate_batch_norm(evaluated, train_set, evaluated.defaults(), dist.device)
+            validation = evaluate(evaluated, val_set, evaluated.defaults(), dist.device)
             model.train()
             improved = validation.mean_foreground > best_score
             if improved:
@@ -240,7 +294,7 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
                         f"{c.name} {d:.3f}"
                         for c, d in zip(card.classes[1:], validation.dice[1:], strict=True)
                     )
-                    + f"; kept tokens {100 * validation.kept_tokens:.0f} %"
+                    + (f"; {validation.counters_text()}" if validation.counters else "")
                     + (" (best)" if improved else ""),
                     flush=True,
                 )
@@ -257,21 +311,21 @@ class WeightAverage:
     weights: it smooths the step-to-step noise of small augmented batches. Buffers are not
     averaged (BatchNorm statistics are re-estimated before each validation)."""
 
-    def __init__(self, model: APFormer, decay: float) -> None:
+    def __init__(self, model: SegmentationModel, decay: float) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: APFormer, step: int) -> None:
+    def update(self, model: SegmentationModel, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory at the start
         averaged, current = list(self.model.parameters()), list(model.parameters())
         torch._foreach_lerp_(averaged, current, 1 - decay)
 
 
 def recalibrate_batch_norm(
-    model: APFormer,
+    model: SegmentationModel,
     data: SliceSet,
-    token_threshold: float,
+    settings: dict[str, SettingValue],
     device: torch.device,
     count: int | None = RANKING_SLICES,
     batch: int = 8,
@@ -282,7 +336,7 @@ def recalibrate_batch_norm(
     Training sees augmented intensities, so the running averages it leaves behind do not
     match real images: on the MNI152 validation slices after two epochs, grey-matter Dice was
     0.49 with them and 0.85 after this. Validation and the saved weights use these instead;
-    training itself uses batch statistics and is unaffected.
+    training itself uses batch statistics and is unaffected. The passes run at `settings`.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -293,13 +347,13 @@ def recalibrate_batch_norm(
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
     with torch.no_grad():
         for lo in range(0, len(order), batch):
-            model(data.images[order[lo : lo + batch]].to(device), token_threshold)
+            model.predict(data.images[order[lo : lo + batch]].to(device), **settings)
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
 
 
 def _final_batch_norm(
-    model: APFormer,
+    model: SegmentationModel,
     train_set: SliceSet,
     val_set: SliceSet,
     config: TrainConfig,
@@ -310,24 +364,30 @@ def _final_batch_norm(
     the RANKING_SLICES that ranked the epochs (a better estimate), validated again and saved
     with that result whatever it is."""
     device = next(model.parameters()).device
-    token_threshold = config.card.token_threshold
-    recalibrate_batch_norm(model, train_set, token_threshold, device, count=None)
-    validation = evaluate(model, val_set, token_threshold, device)
+    settings = model.defaults()
+    recalibrate_batch_norm(model, train_set, settings, device, count=None)
+    validation = evaluate(model, val_set, settings, device)
     note = f"re-estimated on all {len(train_set)} clean training slices after training"
     _save_best(model, config, validation, *best_at, started, batch_norm_note=note)
     return validation
 
 
 def evaluate(
-    model: APFormer, val_set: SliceSet, token_threshold: float, device: torch.device
+    model: SegmentationModel,
+    val_set: SliceSet,
+    settings: dict[str, SettingValue] | None,
+    device: torch.device,
 ) -> Validation:
-    """Per-class Dice over all validation slices (pixels pooled), pruned and unpruned, at the
-    model's own gates."""
+    """Per-class Dice over all validation slices (pixels pooled) at `settings` (None: the
+    model's defaults) and at the settings under which nothing is skipped."""
     from napari_apformer.train.sweep import sweep
 
-    rows = sweep(model, val_set, [token_threshold, 1.0], [None], device=device)
-    pruned, unpruned = rows[0], rows[-1]
-    return Validation(pruned.dice, unpruned.dice, pruned.kept_tokens, pruned.kept_dependencies)
+    settings = model.resolve_settings(settings)
+    unpruned = {**settings, **model.unpruned_settings()}
+    rows = sweep(model, val_set, [settings, unpruned], device=device)
+    own, everything = rows[0], rows[-1]
+    labels = {c.name: c.label for c in model.counter_specs()}
+    return Validation(own.dice, everything.dice, own.counters, labels)
 
 
 def _warmup_cosine(total: int):
@@ -363,20 +423,16 @@ def _save_best(
     names = [c.name for c in card.classes]
     card.metrics = {
         "validation_dice": dict(zip(names, validation.dice, strict=True)),
-        "validation_dice_token_threshold_1": dict(
-            zip(names, validation.dice_unpruned, strict=True)
-        ),
+        "validation_dice_unpruned": dict(zip(names, validation.dice_unpruned, strict=True)),
         "validation_mean_foreground_dice": validation.mean_foreground,
-        "validation_kept_tokens": validation.kept_tokens,
-        "validation_kept_dependencies": validation.kept_dependencies,
+        **{f"validation_{name}": value for name, value in validation.counters.items()},
         "epoch": epoch,
         "step": step,
         "training_seconds_so_far": round(time.perf_counter() - started, 1),
         "batch_norm_statistics": batch_norm_note,
     }
     card.placeholder = False
-    card.gates = model.trans4.stored_gates()
-    save_weights(model, card, config.out.with_suffix(".safetensors"))
+    save_weights(model, card, config.out.with_suffix(".safetensors"))  # records its settings
 
 
 def _log(
@@ -396,8 +452,7 @@ def _log(
         **{f"loss_{k}": round(s / max(1, steps), 5) for k, s in sums.items()},
         **{f"dice_{c.name}": round(d, 5) for c, d in zip(card.classes, v.dice, strict=True)},
         "mean_foreground_dice": round(v.mean_foreground, 5),
-        "kept_tokens": round(v.kept_tokens, 5),
-        "kept_dependencies": round(v.kept_dependencies, 5),
+        **{name: round(value, 5) for name, value in v.counters.items()},
     }
     new = not path.exists() or epoch == 1
     with path.open("w" if new else "a", newline="") as f:

@@ -132,8 +132,9 @@ def slice_split(template: Template) -> tuple[dict[int, list[int]], dict[int, lis
     return train, val
 
 
-def dataset(source: Path | None, normalisation) -> tuple:
-    """(training, validation) SliceSets of the template, split by slice_split."""
+def dataset(source: Path | None, normalisation, rule=None) -> tuple:
+    """(training, validation) SliceSets of the template, split by slice_split; `rule`: the
+    model's input rule (datasets.training_rule)."""
     from napari_apformer.train.datasets import volume_slices
 
     template = load_template(source)
@@ -146,6 +147,7 @@ def dataset(source: Path | None, normalisation) -> tuple:
         "axes": (0, 1, 2),
         "spacing": tuple(float(z) for z in np.abs(np.diag(template.affine))[:3]),
         "name": "MNI152",
+        "rule": rule,
     }
     return (
         volume_slices(template.t1, labels, keep=train_slices, **common),

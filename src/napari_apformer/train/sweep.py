@@ -1,29 +1,31 @@
-"""Dice and compute over a grid of token thresholds and gates, on a labelled data set.
+"""Dice and compute over a grid of run-time settings, on a labelled data set.
 
-The encoder runs once per batch; each setting reruns the transformer and decoder only.
-GFLOP per slice counts what the implementation runs for the tokens kept (engine.stats).
+A grid point names some of the model's settings (the others keep the weights' own values).
+With a model that offers a cached split (`CachedSplit`) the costly part runs once per batch and
+each grid point reruns `decode` only; otherwise each point runs `predict`. The counters (as
+fractions) and GFLOP per slice come from the predictions: what the implementation ran.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from napari_apformer.engine.stats import slice_flops
-from napari_apformer.model.apformer import TOKENS, APFormer
+from napari_apformer.errors import InputError
+from napari_apformer.model.base import CachedSplit, SegmentationModel, SettingValue
 from napari_apformer.train.datasets import SliceSet
 
 
 @dataclass
 class SweepRow:
-    token_threshold: float
-    gate: float | None  # None: the model's own gates
+    settings: dict[str, SettingValue]  # every setting's value at this grid point
     dice: list[float]  # per class, background first
-    kept_tokens: float
-    kept_dependencies: float
+    counters: dict[str, float]  # name -> count / out of, over all slices
     gflops: float  # per slice
 
     @property
@@ -31,56 +33,65 @@ class SweepRow:
         return sum(self.dice[1:]) / max(1, len(self.dice) - 1)
 
 
+def grid(axes: Mapping[str, Sequence[object]]) -> list[dict[str, object]]:
+    """Every combination of the values given per setting (the last setting varies fastest).
+    An empty mapping: one point, the weights' own settings."""
+    names = list(axes)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
 @torch.inference_mode()
 def sweep(
-    model: APFormer,
+    model: SegmentationModel,
     data: SliceSet,
-    thresholds: list[float],
-    gates: list[float | None],
+    points: Sequence[Mapping[str, object]],
     batch: int = 8,
     device: torch.device | str = "cpu",
 ) -> list[SweepRow]:
+    """One row per distinct grid point (settings not named take the model's defaults)."""
     model.eval()
+    resolved: list[dict[str, SettingValue]] = []
+    for point in points:
+        values = model.resolve_settings(point)
+        if values not in resolved:
+            resolved.append(values)
+    if not resolved:
+        raise InputError("no settings to sweep")
     n = model.n_classes
-    settings = list(dict.fromkeys((tau, gate) for gate in gates for tau in thresholds))
-    counts = {s: torch.zeros(n, 3, dtype=torch.float64) for s in settings}
-    kept = dict.fromkeys(settings, 0.0)
-    kept_deps = dict.fromkeys(settings, 0.0)
-    possible = dict.fromkeys(settings, 0.0)
-    flops = dict.fromkeys(settings, 0.0)
-    heads = model.trans4.attention_layers[0].heads
+    names = [c.name for c in model.counter_specs()]
+    counts = [torch.zeros(n, 3, dtype=torch.float64) for _ in resolved]
+    counted = [{name: [0.0, 0.0] for name in names} for _ in resolved]
+    flops = [0.0 for _ in resolved]
+    split = isinstance(model, CachedSplit)
     for lo in range(0, len(data), batch):
         images = data.images[lo : lo + batch].to(device)
         masks = data.masks[lo : lo + batch].to(device)
-        encoded = model.encode(images)
-        for setting in settings:
-            out = model.decode(encoded, setting[0], setting[1])
+        encoded = model.encode(images) if split else None
+        encode_flops = model.encode_flops(*images.shape[-2:]) if split else 0
+        for k, values in enumerate(resolved):
+            out = model.decode(encoded, **values) if split else model.predict(images, **values)
             labels = out.logits.argmax(dim=1)
             for c in range(n):
                 predicted, truth = labels == c, masks == c
-                counts[setting][c] += torch.tensor(
+                counts[k][c] += torch.tensor(
                     [float((predicted & truth).sum()), float(predicted.sum()), float(truth.sum())],
                     dtype=torch.float64,
                 )
-            per_slice = out.keep.sum(dim=1)
-            kept[setting] += float(per_slice.sum())
-            kept_deps[setting] += float(out.kept_dependencies.sum())
-            possible[setting] += float(per_slice.sum()) * model.depth * heads * TOKENS
-            flops[setting] += sum(slice_flops(model, int(k)) for k in per_slice)
-    rows = []
-    for setting in settings:
-        dice = [_dice(row) for row in counts[setting]]
-        rows.append(
-            SweepRow(
-                setting[0],
-                setting[1],
-                dice,
-                kept[setting] / (len(data) * TOKENS),
-                kept_deps[setting] / possible[setting] if possible[setting] else 0.0,
-                flops[setting] / len(data) / 1e9,
-            )
+            for name, pair in out.counters.items():
+                if name in counted[k]:
+                    counted[k][name][0] += float(pair[:, 0].sum())
+                    counted[k][name][1] += float(pair[:, 1].sum())
+            if out.flops is not None:
+                flops[k] += float(out.flops.sum()) + encode_flops * images.shape[0]
+    return [
+        SweepRow(
+            values,
+            [_dice(row) for row in counts[k]],
+            {name: (c / t if t else 0.0) for name, (c, t) in counted[k].items()},
+            flops[k] / max(1, len(data)) / 1e9,
         )
-    return rows
+        for k, values in enumerate(resolved)
+    ]
 
 
 def _dice(row: torch.Tensor) -> float:
@@ -88,71 +99,100 @@ def _dice(row: torch.Tensor) -> float:
     return 1.0 if predicted + truth == 0 else 2 * both / (predicted + truth)
 
 
-def table(rows: list[SweepRow], class_names: list[str]) -> str:
+def value_text(value: object) -> str:
+    """0.9; a per-layer value as one number when every layer has it, else -2/-2/-1/0."""
+    if isinstance(value, list | tuple):
+        if len(set(value)) == 1:
+            return value_text(value[0])
+        return "/".join(value_text(v) for v in value)
+    return f"{value:g}" if isinstance(value, float | int) else str(value)
+
+
+def table(
+    rows: list[SweepRow], class_names: list[str], model: SegmentationModel | None = None
+) -> str:
+    """A Markdown table: one column per setting, Dice per foreground class, the counters and
+    GFLOP per slice (labels from the model's declarations where given)."""
     names = class_names[1:]
+    settings = list(rows[0].settings) if rows else []
+    counters = list(rows[0].counters) if rows else []
+    labels = {s.name: s.label for s in model.settings()} if model is not None else {}
+    labels.update({c.name: c.label for c in model.counter_specs()} if model is not None else {})
     head = (
-        "| token threshold | gate | "
+        "| "
+        + " | ".join(labels.get(s, s) for s in settings)
+        + " | "
         + " | ".join(f"Dice {n}" for n in names)
-        + " | mean Dice | kept tokens | kept dependencies | GFLOP per slice |"
+        + " | mean Dice | "
+        + "".join(f"{labels.get(c, c)} | " for c in counters)
+        + "GFLOP per slice |"
     )
-    lines = [head, "|" + "---|" * (len(names) + 6)]
+    lines = [head, "|" + "---|" * (len(settings) + len(names) + len(counters) + 2)]
     for r in rows:
         lines.append(
-            f"| {r.token_threshold:g} | {r.gate:g} | "
+            "| "
+            + " | ".join(value_text(r.settings[s]) for s in settings)
+            + " | "
             + " | ".join(f"{d:.3f}" for d in r.dice[1:])
-            + f" | {r.mean_foreground:.3f} | {100 * r.kept_tokens:.1f} % | "
-            f"{100 * r.kept_dependencies:.1f} % | {r.gflops:.1f} |"
+            + f" | {r.mean_foreground:.3f} | "
+            + "".join(f"{100 * r.counters[c]:.1f} % | " for c in counters)
+            + f"{r.gflops:.1f} |"
         )
     return "\n".join(lines)
 
 
 def write_csv(rows: list[SweepRow], class_names: list[str], path: Path) -> None:
+    settings = list(rows[0].settings) if rows else []
+    counters = list(rows[0].counters) if rows else []
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
             [
-                "token_threshold",
-                "gate",
+                *settings,
                 *(f"dice_{n}" for n in class_names),
                 "mean_foreground_dice",
-                "kept_tokens",
-                "kept_dependencies",
+                *counters,
                 "gflops_per_slice",
             ]
         )
         for r in rows:
             writer.writerow(
                 [
-                    r.token_threshold,
-                    r.gate,
+                    *(value_text(r.settings[s]) for s in settings),
                     *(f"{d:.5f}" for d in r.dice),
                     f"{r.mean_foreground:.5f}",
-                    f"{r.kept_tokens:.5f}",
-                    f"{r.kept_dependencies:.5f}",
+                    *(f"{r.counters[c]:.5f}" for c in counters),
                     f"{r.gflops:.3f}",
                 ]
             )
 
 
-def plot(rows: list[SweepRow], path: Path, title: str) -> None:
-    """Mean foreground Dice against GFLOP per slice, one line per gate, points labelled tau."""
+def plot(rows: list[SweepRow], path: Path, title: str, swept: Sequence[str] = ()) -> None:
+    """Mean foreground Dice against GFLOP per slice, points labelled with the last of the
+    `swept` settings (the fastest varying), one line per value of the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    swept = [s for s in swept if rows and s in rows[0].settings]
+    point_name, line_names = (swept[-1], swept[:-1]) if swept else (None, [])
+
+    def line_key(r: SweepRow) -> str:
+        return ", ".join(f"{n} {value_text(r.settings[n])}" for n in line_names)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for gate in sorted({r.gate for r in rows}):
-        line = sorted((r for r in rows if r.gate == gate), key=lambda r: r.gflops)
+    for key in dict.fromkeys(line_key(r) for r in rows):
+        line = sorted((r for r in rows if line_key(r) == key), key=lambda r: r.gflops)
         ax.plot(
             [r.gflops for r in line],
             [r.mean_foreground for r in line],
             marker="o",
-            label=f"gate {gate:g}",
+            label=key or None,
         )
-        for r in line:
+        for r in line if point_name else []:
             ax.annotate(
-                f"{r.token_threshold:g}",
+                value_text(r.settings[point_name]),
                 (r.gflops, r.mean_foreground),
                 fontsize=7,
                 xytext=(3, 3),
@@ -160,7 +200,10 @@ def plot(rows: list[SweepRow], path: Path, title: str) -> None:
             )
     ax.set(xlabel="GFLOP per slice", ylabel="mean Dice (foreground classes)", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(title="points: token threshold", fontsize=8)
+    if line_names:
+        ax.legend(title=f"points: {point_name}", fontsize=8)
+    elif point_name:
+        ax.set_title(f"{title}\npoints: {point_name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
