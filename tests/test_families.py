@@ -102,7 +102,11 @@ SMALL_APFORMER = {
         {"heads": 1, "dim_head": 4, "mlp": 8, "scale": 0.5},
     ],
 }
-SMALL = {"apformer": SMALL_APFORMER, "toy-conv": {"width": 5}}
+SMALL = {
+    "apformer": SMALL_APFORMER,
+    "mobileutr": {"depths": [1, 1, 1, 1, 1]},  # the default widths: its tensors give its heads
+    "toy-conv": {"width": 5},
+}
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""The release's checkpoints (Mobile U-ViT `network/MobileUViT.py`, and U-Bench's copy):
+recognising them and reading their sizes from the tensors.
+
+Our parameter names are the release's. Its first upload and U-Bench name the LGL stage
+`adaptive_lgl_bottleneck.`, later commits `lklgl_bottleneck.` (ours); the shapes are the same.
+A `state_dict` wrapper (U-Bench) and `module.` prefixes are removed by `checkpoint`.
+
+The head count is not stored in the tensors (the release derives it from `embed_dim`): widths
+that match a variant take that variant's; other widths need a model card with the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+OURS = "lklgl_bottleneck."
+ALIASES = ("adaptive_lgl_bottleneck.",)
+SIGNATURE = ("patch_embeddings.", OURS, "transformer_bottleneck.", "expend_dims.", "reduce_dims.")
+STEM = "patch_embeddings.stem.0.weight"
+# Where each width can be read: (key, axis), the first present wins (a missing stage is then
+# reported by the strict load, which names its tensors).
+WIDTHS = (
+    ((STEM, 0), ("patch_embeddings.layer1.up.0.weight", 0), ("Up1.up.1.weight", 0)),
+    (("patch_embeddings.layer2.up.0.weight", 0), ("Up3.up.1.weight", 0)),
+    (("patch_embeddings.layer3.up.0.weight", 0), ("expend_dims.conv.0.weight", 1)),
+    (("expend_dims.conv.0.weight", 0), ("reduce_dims.conv.0.weight", 1)),
+)
+BLOCKS = (
+    "patch_embeddings.layer1.block.{}.0.fn.0.weight",
+    "patch_embeddings.layer2.block.{}.0.fn.0.weight",
+    "patch_embeddings.layer3.block.{}.0.fn.0.weight",
+    OURS + "{}.SelfAttn.attn.qkv.weight",
+    "transformer_bottleneck.{}.SelfAttn.attn.qkv.weight",
+)
+
+
+def to_our_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LGL stage under our prefix (unless the state has both, which the strict load then
+    refuses)."""
+    if any(key.startswith(OURS) for key in state):
+        return dict(state)
+    out = {}
+    for key, value in state.items():
+        for alias in ALIASES:
+            if key.startswith(alias):
+                key = OURS + key[len(alias) :]
+        out[key] = value
+    return out
+
+
+def recognise(state: Mapping[str, torch.Tensor]) -> dict | None:
+    """{in_channels, n_classes, variant, sizes} of a MobileUtr state_dict in our names, None
+    if the keys are not MobileUtr's. Sizes the tensors do not give are None (from_sizes then
+    says what is missing); the in_channels of a 3-channel stem is 3, whatever the data."""
+    from napari_apformer.model.mobileutr.network import MobileUtr
+
+    if not any(key.startswith(SIGNATURE) for key in state):
+        return None
+
+    def read(places: tuple[tuple[str, int], ...]) -> int | None:
+        for key, axis in places:
+            if key in state and state[key].dim() > axis:
+                return int(state[key].shape[axis])
+        return None
+
+    def count(pattern: str) -> int:
+        n = 0
+        while pattern.format(n) in state:
+            n += 1
+        return n
+
+    dims = [read(places) for places in WIDTHS]
+    depths = [count(pattern) for pattern in BLOCKS]
+    kernels = [int(state[BLOCKS[i].format(0)].shape[-1]) if depths[i] else None for i in range(3)]
+    variant, heads = "default", None
+    for name, sizes in MobileUtr.variants.items():
+        if dims == sizes["dims"]:
+            variant, heads = name, sizes["heads"]
+    return {
+        "in_channels": int(state[STEM].shape[1]) if STEM in state else 1,
+        "n_classes": int(state["head.weight"].shape[0]) if "head.weight" in state else 1,
+        "variant": variant,
+        "sizes": {"dims": dims, "depths": depths, "kernels": kernels, "heads": heads},
+    }
+
+
+def fold_grey_stem(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 3-channel checkpoint as a 1-channel one: the stem's weights summed over their input
+    channels. Exact only when the three channels the model sees are equal, as when a grey image
+    is repeated (the release's forward does that); a model fed colour, or channels normalised
+    with different means and deviations (the release's ImageNet Normalize), sees three
+    different channels, and the folded model then differs from it."""
+    out = dict(state)
+    out[STEM] = state[STEM].sum(dim=1, keepdim=True)
+    return out
