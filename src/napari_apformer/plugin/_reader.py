@@ -69,7 +69,9 @@ def layer_data(image: ImageFile) -> LayerData:
         "translate": where.translate,
         "axis_labels": where.axis_labels,
         "units": where.units,
-        "metadata": SourceInfo(image.source, image.nifti, image.series).to_metadata(),
+        "metadata": SourceInfo(
+            image.source, image.nifti, image.series, image.spacing
+        ).to_metadata(),
     }
     if not image.rgb and is_label_image(image.source, data):
         label_type = _label_type(data)

@@ -3,6 +3,12 @@
 Works for any image layer, whatever opened it: 2D grey or RGB, 3D volumes, and volumes along
 leading axes (4D NIfTI: the volume shown now is used). No napari import: a layer is read
 through its attributes only.
+
+The model sees what the command line and training give it. For NIfTI that is the RAS voxel
+array (i, j, k) as `io.nifti` reads it, while napari shows it reversed, (z, y, x) = (k, j, i)
+(`io.display`): `model_data` turns the shown volume back, so each slice the model sees is the
+transpose of the slice on screen, and `to_display` / `plane_to_display` turn what comes back
+(labels, maps, attention) onto the screen's axes. Other images are shown as stored.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_apformer.errors import InputError
+from napari_apformer.io.display import nifti_from_display
 from napari_apformer.plugin.layer_metadata import SourceInfo
 
 NIFTI_AXIS_NAMES = ("axial", "coronal", "sagittal")  # napari axes z, y, x of a NIfTI layer
@@ -47,6 +54,41 @@ class ImageSource:
     @property
     def is_nifti(self) -> bool:
         return self.source is not None and self.source.nifti is not None
+
+    # -- what the model sees (the command line's orientation) and back -------------------
+    @property
+    def transposed(self) -> bool:
+        """Whether the model's array is the shown one reversed (a NIfTI volume)."""
+        return self.is_nifti and self.spatial_ndim == 3 and not self.rgb
+
+    def model_data(self) -> np.ndarray:
+        """The array the model runs on: for NIfTI the RAS voxel array (a view, no copy)."""
+        return nifti_from_display(self.data) if self.transposed else self.data
+
+    def model_axis(self, axis: int) -> int:
+        """The model array's axis that is the shown array's `axis`."""
+        return 2 - axis if self.transposed else axis
+
+    def model_spacing(self) -> tuple[float, ...]:
+        """Voxel size along the model array's spatial axes: the file's, as its reader gave
+        it to the command line; else the layer's scale."""
+        if self.source is not None and self.source.spacing is not None:
+            spacing = tuple(float(s) for s in self.source.spacing)
+            if len(spacing) == self.spatial_ndim:
+                return spacing
+        return tuple(reversed(self.scale)) if self.transposed else tuple(self.scale)
+
+    def to_display(self, volume: np.ndarray) -> np.ndarray:
+        """A volume on the model array's axes (labels) on the shown axes (a view)."""
+        return nifti_from_display(volume) if self.transposed else volume
+
+    def plane_to_display(self, plane: np.ndarray) -> np.ndarray:
+        """(..., rows, cols) on a model slice's axes onto the shown slice's (a view)."""
+        return np.swapaxes(plane, -1, -2) if self.transposed else plane
+
+    def point_to_model(self, row: float, col: float) -> tuple[float, float]:
+        """(row, column) of a shown slice in the model slice's pixels, and back (the same)."""
+        return (col, row) if self.transposed else (row, col)
 
     def axis_names(self) -> list[str]:
         """Names for the slice axis choice of a volume (empty for 2D)."""

@@ -16,11 +16,16 @@ CLASSES_KEY = "napari_apformer_classes"
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """The file an image layer came from; `nifti` is its geometry when it is a NIfTI file."""
+    """The file an image layer came from; `nifti` is its geometry when it is a NIfTI file.
+
+    spacing: the voxel size the file's reader gave (for NIfTI: of the RAS voxel axes), which
+    the command line gives the model too; None for layers made before it was recorded.
+    """
 
     path: Path | None
     nifti: NiftiGeometry | None = None
     series: bool = False
+    spacing: tuple[float, ...] | None = None
 
     def to_metadata(self) -> dict:
         return {METADATA_KEY: self}

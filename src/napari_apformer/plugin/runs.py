@@ -5,10 +5,17 @@ Nothing here touches Qt or napari layers; results are handed back to the main th
 `Session` holds the segmenters (by weights and device), the prepared images and one lock
 that serialises every use of a model, so a live slice or a query point can slip in between
 two batches of a volume run, and nothing runs a model on the Qt thread.
+
+The model runs on the array the command line gives it (`ImageSource.model_data`: the RAS
+voxel array for NIfTI), so a file gets the same labels here and from `apformer predict`.
+What a live run hands back (labels, maps, attention, the query point, the letterbox) is on
+the shown slice's axes; a volume run's `result.labels` stays on the model array's axes
+(`ImageSource.to_display` shows it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +29,7 @@ from napari_apformer.engine.inference import (
     SegmentationResult,
     Segmenter,
 )
-from napari_apformer.engine.preprocess import PreparedImage
+from napari_apformer.engine.preprocess import Letterbox, PreparedImage
 from napari_apformer.engine.stats import RunStats
 from napari_apformer.model.base import MapSpec, QueryAttention, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
@@ -118,13 +125,18 @@ class Session:
         )
 
     def prepared(self, segmenter: Segmenter, image: ImageSource, axis: int) -> PreparedImage:
+        """The image as the command line prepares it (model array, axis and spacing);
+        `axis` is the shown array's slice axis."""
         key = (id(segmenter), id(image.data), image.data.shape, image.leading_index, axis)
         if key not in self._prepared:
             if len(self._prepared) > 8:
                 self._prepared.clear()
-            spacing = image.scale if image.is_nifti else None
             self._prepared[key] = segmenter.prepare(
-                image.data, rgb=image.rgb, axis=axis, spacing=spacing, source=image.name
+                image.model_data(),
+                rgb=image.rgb,
+                axis=image.model_axis(axis),
+                spacing=image.model_spacing(),
+                source=image.name,
             )
         return self._prepared[key]
 
@@ -141,18 +153,19 @@ class Session:
                 cache=True,
                 **settings.values,
             ).finish()
-            labels = prepared_slice(result.labels, prepared, request.index)
+            image = request.image
+            labels = image.plane_to_display(prepared_slice(result.labels, prepared, request.index))
             view = None
             if watch:
                 query = request.query or foreground_centre(labels)
-                view = _query_view(segmenter, result, request.index, query)
+                view = _query_view(segmenter, result, image, request.index, query)
         maps = SliceMaps(
             request.axis,
             request.index,
             labels,
-            {name: values[0] for name, values in result.maps.items()},
+            {name: image.plane_to_display(values[0]) for name, values in result.maps.items()},
             result.map_specs,
-            result.letterbox,
+            shown_letterbox(result.letterbox, image),
         )
         outcome = LiveOutcome(
             request,
@@ -175,12 +188,14 @@ class Session:
             if last is None or last[0] is not outcome or outcome.attention is None:
                 return None
             _, result, segmenter = last
-            return _query_view(segmenter, result, outcome.request.index, query)
+            request = outcome.request
+            return _query_view(segmenter, result, request.image, request.index, query)
 
     def volume_steps(
         self, settings: Settings, image: ImageSource, axis: int
     ) -> Iterator[tuple[SegmentationJob, Progress | None, ModelCard]]:
-        """(job, progress, card) after each batch; the first item (progress None) is the start."""
+        """(job, progress, card) after each batch; the first item (progress None) is the start.
+        The job's labels are on the model array's axes (`image.to_display` shows them)."""
         segmenter = self.segmenter(settings)
         prepared = self.prepared(segmenter, image, axis)
         job = segmenter.start(prepared, **settings.values)
@@ -195,14 +210,37 @@ class Session:
 
 
 def _query_view(
-    segmenter: Segmenter, result: SegmentationResult, index: int, query: tuple[float, float]
+    segmenter: Segmenter,
+    result: SegmentationResult,
+    image: ImageSource,
+    index: int,
+    query: tuple[float, float],
 ) -> QueryView:
-    """Attention rows of the query point (slice pixels) in a run with attention_slices."""
+    """Attention rows of the query point (shown slice pixels) in a run with
+    attention_slices, on the shown slice's axes."""
     box = result.letterbox
     _, _, stride = segmenter.model.attention_grid(box.model_height, box.model_width)
-    token = box.grid_index(query[0], query[1], stride)
+    token = box.grid_index(*image.point_to_model(*query), stride)
     after, before = segmenter.attention(result, index, token)
-    return QueryView(query, after, before, stride)
+    return QueryView(query, image.plane_to_display(after), image.plane_to_display(before), stride)
+
+
+def shown_letterbox(box: Letterbox, image: ImageSource) -> Letterbox:
+    """The letterbox of the shown slice: the model slice's with rows and columns swapped
+    where the shown slice is its transpose (its grid maps are swapped the same way)."""
+    if not image.transposed:
+        return box
+    return dataclasses.replace(
+        box,
+        height=box.width,
+        width=box.height,
+        inner_height=box.inner_width,
+        inner_width=box.inner_height,
+        top=box.left,
+        left=box.top,
+        model_height=box.model_width,
+        model_width=box.model_height,
+    )
 
 
 def prepared_slice(labels: np.ndarray, prepared: PreparedImage, index: int) -> np.ndarray:

@@ -683,10 +683,11 @@ class APFormerWidget(Container):
         outputs = self._outputs_for(layer, image)
         seg = outputs.segmentation(image, card.class_table(), card.n_classes)
         finished = job.result.slices[self._volume_done : done.done]
+        labels = image.to_display(job.result.labels)  # the model array's axes on the shown
         index = [slice(None)] * 3
         for s in finished:
             index[axis] = s
-            seg.data[tuple(index)] = job.result.labels[tuple(index)]
+            seg.data[tuple(index)] = labels[tuple(index)]
         seg.refresh()
         if self._volume_progress is not None:
             self._volume_progress.update(done.done - self._volume_done)
