@@ -91,8 +91,6 @@ def test_colour_images():
     assert grey.shape == (1, 40, 50)
     colour = prepare(rgb, rgb=True, in_channels=3).slice_input(0)
     assert colour.shape == (3, 40, 50)
-    with pytest.raises(InputError, match="colour"):
-        prepare(np.zeros((40, 50)), in_channels=3)
 
 
 @pytest.mark.parametrize(
@@ -122,3 +120,14 @@ def test_the_users_array_is_never_modified(dtype, shape):
     for i in range(prepared.n_slices):
         prepared.slice_input(i)
     assert np.array_equal(data, original)
+
+
+def test_a_grey_slice_for_a_three_channel_model_is_repeated():
+    data = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    image = prepare(data, in_channels=3)
+    pixels = image.slice_input(0)
+    assert pixels.shape == (3, 64, 48)
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+    assert np.array_equal(pixels[0], prepare(data, in_channels=1).slice_input(0)[0])
+    with pytest.raises(InputError, match="expect 2 channels"):
+        prepare(data, in_channels=2)

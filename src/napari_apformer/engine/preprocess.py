@@ -165,7 +165,8 @@ class PreparedImage:
         return np.take(self.data, index, axis=self.axis)
 
     def slice_input(self, index: int) -> np.ndarray:
-        """(in_channels, H, W) float32 in [0, 1]."""
+        """(in_channels, H, W) float32 in [0, 1]. A grey slice for a 3-channel model is
+        repeated in all three channels, as the releases feed grey data."""
         pixels = np.array(self.slice_pixels(index), dtype=np.float32)  # a copy: never the user's
         if self.rgb:
             pixels = pixels[..., :3]
@@ -175,7 +176,7 @@ class PreparedImage:
             else:
                 pixels = np.moveaxis(pixels, -1, 0)
         else:
-            pixels = pixels[None]
+            pixels = np.repeat(pixels[None], self.in_channels, axis=0)
         scale = self.high - self.low
         if scale <= 0:
             return np.zeros_like(pixels)
@@ -204,8 +205,10 @@ def prepare_image(
     if rgb and (data.ndim not in (3, 4) or data.shape[-1] not in (3, 4)):
         raise InputError(f"colour images need 3 or 4 channels last, got shape {data.shape}", source)
     spatial = spatial_ndim(data, rgb, source)
-    if not rgb and in_channels == 3:
-        raise InputError("these weights expect colour (RGB) images; this image is grey", source)
+    if not rgb and in_channels not in (1, 3):
+        raise InputError(
+            f"these weights expect {in_channels} channels; a grey image feeds 1 or 3", source
+        )
     if rgb and in_channels not in (1, 3):
         raise InputError(f"these weights expect {in_channels} channels", source)
     if spatial == 3 and not 0 <= axis < 3:
