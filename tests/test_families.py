@@ -24,6 +24,7 @@ from napari_apformer.model.base import (
     Prediction,
     SegmentationModel,
     Setting,
+    Trainable,
     build_model,
 )
 from napari_apformer.model.card import ModelCard
@@ -197,6 +198,21 @@ def test_card_and_state_dict_round_trip(small_model, tmp_path):
     # without a card, the family and sizes are recognised from the tensors
     state = {k: v.clone() for k, v in small_model.state_dict().items()}
     assert load_model(state).architecture()["family"] == small_model.family
+
+
+def test_trainable_families_give_finite_losses_and_cover_every_parameter(small_model):
+    if not isinstance(small_model, Trainable):
+        pytest.skip(f"{small_model.family} offers no training losses")
+    small_model.train()
+    x = _input_for(small_model)
+    target = torch.randint(0, small_model.n_classes, (x.shape[0], *x.shape[-2:]))
+    losses = small_model.training_losses(x, target, step=0)
+    assert torch.isfinite(losses["total"])
+    losses["total"].backward()
+    grouped = [p for group in small_model.parameter_groups(1e-3) for p in group["params"]]
+    trainable = [p for p in small_model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
 def test_settings_are_checked_and_named(small_model):

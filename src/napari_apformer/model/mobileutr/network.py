@@ -18,6 +18,7 @@ from torch import nn
 
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import InputRule, Prediction, SegmentationModel
+from napari_apformer.model.losses import soft_dice_loss
 from napari_apformer.model.mobileutr.blocks import (
     LGL_DROP_PATH,
     SAMPLE,
@@ -37,6 +38,8 @@ STAGES = (
     "lklgl_bottleneck",
     "transformer_bottleneck",
 )
+
+CROSS_ENTROPY_WEIGHT, DICE_WEIGHT = 0.3, 0.7  # U-Bench multi-class recipe
 
 
 class MobileUtr(SegmentationModel):
@@ -275,6 +278,20 @@ class MobileUtr(SegmentationModel):
         y = self.Up_conv3(torch.cat([self.Up3(y), F.max_pool2d(s1, 2)], dim=1))
         y = self.Up_conv2(torch.cat([self.Up2(y), F.max_pool2d(s0, 2)], dim=1))
         return self.head(self.Up1(y))
+
+    def training_losses(
+        self, x: torch.Tensor, target: torch.Tensor, step: int, **options
+    ) -> dict[str, torch.Tensor]:
+        """U-Bench's multi-class recipe for this network (spec section 5): 0.3 cross-entropy +
+        0.7 soft Dice over the foreground classes. Options of other families are ignored."""
+        logits = self(x)
+        cross_entropy = F.cross_entropy(logits, target)
+        dice = soft_dice_loss(logits, target)
+        total = CROSS_ENTROPY_WEIGHT * cross_entropy + DICE_WEIGHT * dice
+        return {"total": total, "cross_entropy": cross_entropy, "dice": dice}
+
+    def parameter_groups(self, learning_rate: float, **options) -> list[dict[str, Any]]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": learning_rate}]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_classes, H, W) of x (B, in_channels, H, W), H and W multiples of 16."""
