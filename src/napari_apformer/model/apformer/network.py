@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_apformer.errors import InputError
+from napari_apformer.model.apformer import search as apformer_search
 from napari_apformer.model.apformer.attention import (
     AttentionRecord,
     FirstLayer,
@@ -439,11 +440,30 @@ class APFormer(SegmentationModel):
             groups.append({"params": gates, "lr": rate, "weight_decay": 0})
         return groups
 
+    # -- compression (Searchable; the factors and the slicing are in search.py) -------------
     def searchable_dimensions(self) -> dict[str, list[int]]:
-        return {
-            "head_channels": [s.heads * s.dim_head for s in self.layer_sizes],
-            "mlp_hidden": [s.mlp for s in self.layer_sizes],
-        }
+        """Dimension -> per-layer number of units compression may remove: head_channels
+        (channels of a head, shared by Q, K, V and all heads), heads, mlp_hidden."""
+        return apformer_search.searchable_dimensions(self)
+
+    def search_defaults(self) -> dict[str, dict]:
+        """Per dimension: label, L1 weight ("lambda", 0: not searched) and per-layer floor."""
+        return {name: dict(values) for name, values in apformer_search.SEARCH_DEFAULTS.items()}
+
+    def add_search_factors(self, dimensions: Sequence[str]) -> dict[str, list[nn.Parameter]]:
+        return apformer_search.add_search_factors(self, dimensions)
+
+    def search_factors(self) -> dict[str, list[nn.Parameter]]:
+        return apformer_search.search_factors(self)
+
+    def remove_search_factors(self) -> None:
+        apformer_search.remove_search_factors(self)
+
+    def slimmed_sizes(self, counts) -> dict:
+        return apformer_search.slimmed_sizes(self, counts)
+
+    def slimmed(self, keep) -> APFormer:
+        return apformer_search.slimmed(self, keep)
 
     def set_defaults(self, values) -> None:
         """The gates are parameters (learnable in training): they take the values too."""
