@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.geometry import Reorientation
+
+if TYPE_CHECKING:
+    from napari_apformer.io.dicom import DicomSeries
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -54,14 +58,33 @@ def spatial_ndim(data: np.ndarray, rgb: bool, source: object) -> int:
     return spatial
 
 
+@dataclass(frozen=True)
+class ItkGeometry:
+    """The geometry of an NRRD, MetaImage or DICOM source as SimpleITK read it (LPS, as
+    ITK and DICOM store it), kept so that labels written in its format carry exactly the
+    numbers the source had. The RAS affine of `NiftiGeometry` is computed from these."""
+
+    format: str  # "nrrd", "metaimage" or "dicom"
+    dimension: int  # spatial axes in the file: 2 or 3
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]  # row-major, columns are the voxel axes (SimpleITK's order)
+    dicom: DicomSeries | None = None  # the series read, for DICOM SEG and output names
+
+
 @dataclass
 class NiftiGeometry:
-    """The source file's geometry, kept to write labels back on the same voxels."""
+    """The source file's geometry, kept to write labels back on the same voxels.
+
+    Volumes from NRRD, MetaImage and DICOM have one too (the one convention of the program:
+    a RAS affine, and a NIfTI header made from it), with `itk` holding their own geometry.
+    """
 
     affine: np.ndarray
     header: object  # nibabel header of the source
     reorientation: Reorientation
     source_shape: tuple[int, int, int]  # spatial shape in the file's own voxel order
+    itk: ItkGeometry | None = None  # NRRD, MetaImage and DICOM sources only
 
 
 @dataclass
@@ -71,7 +94,8 @@ class ImageFile:
     data: (Y, X) grey, (Y, X, C) colour, (Z, Y, X) volume or (Z, Y, X, C) colour volume.
     For NIfTI the three spatial axes are in RAS voxel order (see io.geometry), followed by the
     volumes of a 4D file when `series`; `nifti` keeps what is needed to return to the file's
-    own order.
+    own order. NRRD, MetaImage and DICOM volumes are read into the same form (`nifti` set,
+    its `itk` holding the source's own geometry); `source` is the folder of a DICOM series.
     """
 
     data: np.ndarray
