@@ -146,6 +146,12 @@ def nan_pixdim(path: Path) -> None:
     rewrite_header(path, pixdim=[1.0, np.nan, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 
 
+def zero_sform(path: Path) -> None:
+    """sform code 1 with every row zero (rank 0) beside a valid qform."""
+    nib.save(_nifti(_head()), path)
+    rewrite_header(path, srow_x=[0.0] * 4, srow_y=[0.0] * 4, srow_z=[0.0] * 4)
+
+
 def complex_voxels(path: Path) -> None:
     nib.save(_nifti(_head().astype(np.complex64)), path)
 
@@ -188,6 +194,9 @@ class Case:
     outcome: str  # "reject" or "accept"
     expect: str  # part of the message (reject), or what must hold (accept)
     opens_in_napari: bool = False  # a reject that napari can still show (the pixels are fine)
+    # part of a note the reader makes about an accepted file: napari shows it as a warning,
+    # `apformer predict` prints it as `apformer: warning: FILE: NOTE`
+    note: str = ""
 
 
 CASES = (
@@ -209,6 +218,13 @@ CASES = (
     Case("zero_padded.nii.gz", zero_padded, "accept", "gzip with trailing zeros read"),
     Case("nan_sform.nii.gz", nan_sform_no_qform, "reject", "no usable voxel-to-world transform"),
     Case("nan_pixdim.nii.gz", nan_pixdim, "reject", "voxel sizes (pixdim) nan x 1 x 1"),
+    Case(
+        "zero_sform.nii.gz",
+        zero_sform,
+        "accept",
+        "read with the qform",
+        note="the sform is degenerate (rank 0 of 3",
+    ),
     Case("complex.nii.gz", complex_voxels, "reject", "unsupported voxel type complex64"),
     Case("slope_1e38.nii.gz", beyond_float32, "reject", "beyond the float32 range"),
     Case("huge_extensions.nii.gz", huge_extensions, "reject", "header extensions of 65 MiB"),

@@ -58,12 +58,20 @@ def test_command_line(corpus, tmp_path, capsys, name):
         assert not out.exists() or not any(out.iterdir())
         return
     assert code == 0, err
+    warnings = [line for line in err if line.startswith("apformer: warning: ")]
+    if case.note:  # the reader's note, as one line naming the file
+        [line] = warnings
+        assert line.startswith(f"apformer: warning: {path}: {case.note}"), line
+    else:
+        assert not warnings
     [labels_path] = [p for p in out.iterdir() if p.suffix != ".json"]
     table = json.loads(labels_path.with_name(labels_path.name.split(".")[0] + ".json").read_text())
     assert table["statistics"]["slices"] >= 1
     if path.name.endswith(".nii.gz"):
         source, labels = nib.load(path), nib.load(labels_path)
-        assert np.array_equal(labels.affine, source.affine)
+        # a broken sform is replaced by the qform (the reader's note says so)
+        expected = source.get_qform() if case.note else source.affine
+        assert np.array_equal(labels.affine, expected)
         assert labels.shape == source.shape
         if name == "all_zero.nii.gz":
             assert not np.asarray(labels.dataobj).any()  # all background
@@ -91,6 +99,8 @@ def test_napari_reader_never_raises(corpus, monkeypatch, name):
         assert kind == "image" and np.asarray(data).size > 0
         if name == "sheared.nii.gz":
             assert len(shown) == 1 and "oblique" in shown[0]
+        elif case.note:
+            assert len(shown) == 1 and case.note in shown[0]
         else:
             assert not shown
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import imageio.v3 as iio
@@ -337,3 +338,168 @@ def test_torchrun_runs_distributed_data_parallel(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.with_suffix(".safetensors").is_file()
+
+
+# Issue 12: outputs, interruptions and arguments (items 10, 13 and 17) ------------------------
+
+
+def test_train_never_replaces_earlier_weights_without_overwrite(tmp_path, capsys, monkeypatch):
+    from napari_apformer.model import base
+
+    monkeypatch.setitem(base._FAMILIES, "toy", TrainableToy)
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "w" / "toy"
+    out.parent.mkdir()
+    out.with_suffix(".safetensors").write_bytes(b"earlier weights")
+    common = ["--images", data, "-o", out, "--family", "toy", "--steps-per-epoch", 1]
+    assert run_cli(*common) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"apformer: error: {out}.safetensors exists; --overwrite replaces it, or choose another -o"
+    ]
+    assert "training on" not in captured.out  # refused before the data is read
+    assert out.with_suffix(".safetensors").read_bytes() == b"earlier weights"
+    assert run_cli(*common, "--overwrite") == 0
+    assert load_model(out.with_suffix(".safetensors")).family == "toy"
+    # an earlier run is continued by resuming from its own state, and only so
+    assert run_cli(*common, "--epochs", 2) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert run_cli(*common, "--epochs", 2, "--resume", out.with_suffix(".train-state.pt")) == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "--lr takes a learning rate above 0, such as 1e-3, not nan"),
+        (["--lr", "-1"], "--lr takes a learning rate above 0"),
+        (["--steps-per-epoch", "-5"], "--steps-per-epoch must be at least 1, not -5"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1, not 0"),
+        (["--max-minutes", "nan"], "--max-minutes takes a time above 0"),
+        (["--val-fraction", "1.5"], "--val-fraction takes a fraction between 0 and 1"),
+        (["--gate-sparsity", "inf"], "--gate-sparsity takes a weight of 0 or more"),
+        (["--device", "meta"], "--device: unknown device 'meta'"),
+        (["--resume", "{weights}"], "not a training state (the OUT.train-state.pt that"),
+        (["--resume", "{pth}"], "to start from weights, use --init"),
+        (["--resume", "{missing}"], "training state not found"),
+        (
+            ["--init", "{weights}", "--classes", "background,core,rim"],
+            "these weights have 2 classes, --classes names 3",
+        ),
+    ],
+)
+def test_training_arguments_are_checked_in_one_line_before_the_data(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    from napari_apformer.model import ModelCard, base, save_weights
+
+    monkeypatch.setitem(base._FAMILIES, "toy", TrainableToy)
+    weights = tmp_path / "toy2.safetensors"
+    save_weights(TrainableToy(1, 2), ModelCard.generic("toy", 1, 2), weights)
+    torch.save(TrainableToy(1, 2).state_dict(), tmp_path / "toy2.pth")
+    paths = {
+        "{weights}": weights,
+        "{pth}": tmp_path / "toy2.pth",
+        "{missing}": tmp_path / "missing.train-state.pt",
+    }
+    flags = [str(paths.get(flag, flag)) for flag in flags]
+    data = tiny_folder(tmp_path / "data")
+    assert run_cli("--images", data, "-o", tmp_path / "w" / "m", "--family", "toy", *flags) == 1
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert line.startswith("apformer: error: ") and message in line and "Traceback" not in line
+    assert "training on" not in captured.out
+    assert not (tmp_path / "w").exists()
+
+
+def test_init_with_another_class_count_is_one_line(tmp_path, capsys, monkeypatch):
+    from napari_apformer.model import ModelCard, base, save_weights
+
+    monkeypatch.setitem(base._FAMILIES, "toy", TrainableToy)
+    weights = tmp_path / "toy2.safetensors"
+    save_weights(TrainableToy(1, 2), ModelCard.generic("toy", 1, 2), weights)
+    data = tiny_folder(tmp_path / "data")  # labels 0, 1 and 2: three classes
+    assert run_cli("--images", data, "-o", tmp_path / "m", "--init", weights) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "the weights take 1 channel(s) and 2 classes; the data has 1 and 3" in line
+
+
+@pytest.mark.parametrize("kind", ["images", "masks"])
+def test_two_training_files_of_one_name_are_refused(tmp_path, capsys, kind):
+    data = tiny_folder(tmp_path / "data")
+    iio.imwrite(data / kind / "case1.tif", iio.imread(data / kind / "case1.png"))
+    assert run_cli("--images", data, "-o", tmp_path / "w") == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert f"files of one name in {kind}/: case1.png and case1.tif" in line
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+KILLED_SAVE = """
+import contextlib, os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+from test_cli import ToyNet
+from napari_apformer.io import files
+from napari_apformer.model import ModelCard, checkpoint
+where, signame, path = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+signum = getattr(signal, signame)
+if where == "weights written":
+    real_save = checkpoint.save_file
+    def save_file(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+    checkpoint.save_file = save_file
+else:  # between the two renames
+    real_replace, calls = os.replace, []
+    def replace(*args, **kwargs):
+        real_replace(*args, **kwargs)
+        calls.append(args)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signum)
+    os.replace = replace
+torch.manual_seed(1)
+try:
+    with getattr(files, "handle_signals", contextlib.nullcontext)():
+        checkpoint.save_weights(ToyNet(1, 2), ModelCard.generic("toy", 1, 2), path)
+except files.Interrupted as error:
+    sys.exit(error.exit_code)
+"""
+
+
+@pytest.mark.parametrize("where", ["weights written", "between the renames"])
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_a_kill_while_saving_weights_never_loses_the_old_pair(
+    tmp_path, monkeypatch, where, signame
+):
+    from napari_apformer.model import ModelCard, base, save_weights
+    from test_cli import ToyNet
+
+    monkeypatch.setitem(base._FAMILIES, "toy", ToyNet)
+    path = tmp_path / "toy.safetensors"
+    torch.manual_seed(0)
+    old = ToyNet(1, 2)
+    save_weights(old, ModelCard.generic("toy", 1, 2), path)
+    script = KILLED_SAVE.format(tests=str(Path(__file__).parent))
+    done = subprocess.run(
+        [sys.executable, "-c", script, where, signame, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    expected = {"SIGKILL": -9, "SIGTERM": 143}[signame]
+    assert done.returncode == expected, done.stderr[-2000:]
+
+    def weights(p):
+        return load_model(p).state_dict()["first.weight"]
+
+    if signame == "SIGTERM":  # held back until the pair is in place, or raised before it
+        new_pair = where == "between the renames"
+        assert torch.equal(weights(path), old.first.weight) != new_pair
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.safetensors"]
+        return
+    try:
+        kept = weights(path)
+    except Exception:  # new weights beside the old card: the old pair is kept beside them
+        [previous] = tmp_path.glob(".toy.previous-*.safetensors")
+        kept = weights(previous)
+    assert torch.equal(kept, old.first.weight.detach())

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import re
 import sys
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from napari_apformer import __version__, cohort
 from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
-from napari_apformer.io.files import compound_suffix, stem_of
+from napari_apformer.io.files import (
+    Interrupted,
+    compound_suffix,
+    handle_signals,
+    remove_stale_temporaries,
+    replace_together,
+    same_file,
+    stem_of,
+)
 from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
 from napari_apformer.io.geometry import SLICE_AXES
 from napari_apformer.train.command import add_sweep_parser, add_train_parser
@@ -33,6 +43,10 @@ SETTING_ALIASES = {"--token-threshold": "token_threshold", "--gate": "gate"}
 # such a value for an option of its own.
 NUMBER_OPTIONS = ("--set", "--token-threshold", "--gate", "--thresholds", "--gates")
 _NEGATIVE = re.compile(r"-[0-9.]")
+DEVICE_NAMES = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+# Without a terminal (a log file, SLURM): a line per file, and one per PROGRESS_SECONDS within
+# a file, on stderr (on a terminal: tqdm's bar).
+PROGRESS_SECONDS = 30.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,13 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(join_negative_values(given))
     args.command_line = given  # recorded by train
     try:
-        return args.run(args)
+        with handle_signals():  # SIGTERM (timeout, kill, SLURM) cleans up as Ctrl-C does
+            return args.run(args)
     except InputError as error:
         print(f"apformer: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("apformer: interrupted; no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        report = getattr(error, "report", None)
+        print(f"apformer: {report or interruption(error)}", file=sys.stderr)
+        return error.exit_code if isinstance(error, Interrupted) else 130
     except Exception as error:  # a bug: one line for the user, the traceback on request
         if args.debug:
             raise
@@ -57,6 +73,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def interruption(error: BaseException) -> str:
+    """'interrupted by Ctrl-C (SIGINT)' or 'terminated by SIGTERM'."""
+    if isinstance(error, Interrupted) and error.signum != 2:
+        return f"terminated by {error}"
+    return "interrupted by Ctrl-C (SIGINT)"
+
+
+def check_device(name: str) -> str:
+    """`--device` as the engine takes it; InputError for anything else (torch would accept
+    'meta', which has no data, and fail later)."""
+    if not DEVICE_NAMES.fullmatch(str(name)):
+        raise InputError(f"--device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def apply_threads(threads: int | None) -> None:
+    """`--threads N`: N torch threads; 0 means every core this process may use; a negative
+    count is an InputError."""
+    if threads is None:
+        return
+    if threads < 0:
+        raise InputError(
+            f"--threads takes a number of CPU threads, 1 or more (0: every core), not {threads}"
+        )
+    import torch
+
+    torch.set_num_threads(threads or usable_cores())
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-file statistics (default for folders and several inputs: "
         "OUTPUT/apformer-stats.csv, one per shard)",
     )
-    predict.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    predict.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (0: every core this process may use; default: torch's)",
+    )
     predict.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -261,6 +318,7 @@ def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
     from napari_apformer.model import load_model
     from napari_apformer.weights import resolve_weights
 
+    check_device(args.device)
     path = resolve_weights(args.weights)
     precision = getattr(args, "precision", "auto")
     segmenter = Segmenter(
@@ -310,8 +368,26 @@ def output_path_for(source: Path, output: Path, single: bool) -> Path:
     return output / f"{stem_of(source)}{LABEL_STEM_SUFFIX}{label_suffix_for(source)}"
 
 
+def check_not_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
+    """InputError if an output (labels, sidecar, statistics) is one of the input files, by
+    resolved path or by device and inode: --overwrite never writes onto an input."""
+    for output in outputs:
+        for source in inputs:
+            if same_file(output, source):
+                which = "" if str(output) == str(source) else f" (the same file as {source})"
+                raise InputError(
+                    f"{output} is an input of this run{which}; refusing to write onto an "
+                    "input: choose another output name or folder"
+                )
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    files = cohort.take_shard(collect_inputs(args.inputs), args.shard)
+    from napari_apformer.io.formats import class_table_path
+
+    apply_threads(args.threads)
+    check_device(args.device)
+    every_input = collect_inputs(args.inputs)
+    files = cohort.take_shard(every_input, args.shard)
     single = len(files) == 1 and args.shard is None
     outputs = [output_path_for(f, args.output, single) for f in files]
     if len(set(outputs)) < len(outputs):
@@ -320,28 +396,34 @@ def run_predict(args: argparse.Namespace) -> int:
     table_path = args.stats or (
         cohort.default_table_path(args.output, args.shard) if many else None
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    written = [*outputs, *(class_table_path(o) for o in outputs)]
+    check_not_inputs(every_input, [*written, *([table_path] if table_path else [])])
     segmenter = load_segmenter(args, args.batch_size)
     args.setting_values = settings_from_arguments(args, segmenter)  # once, not once per file
     table = cohort.StatisticsTable(
         segmenter.card.class_names, [c.name for c in segmenter.model.counter_specs()]
     )
-    internal = False
+    internal = stats_failed = False
+    log_lines = not sys.stderr.isatty()
     try:
-        for source, target in zip(files, outputs, strict=True):
+        for number, (source, target) in enumerate(zip(files, outputs, strict=True), 1):
+            if log_lines and len(files) > 1:
+                print(f"apformer: [{number}/{len(files)}] {source}", file=sys.stderr, flush=True)
             if target.exists() and not args.overwrite:
-                print(f"{target}: exists, skipped (--overwrite replaces it)", file=sys.stderr)
-                table.add(
-                    source, target, cohort.SKIPPED, "exists", cohort.stored_statistics(target)
-                )
+                try:
+                    skip_existing(source, target, table)
+                except Exception as error:  # never stop the others (skip_existing should not)
+                    message = f"{target}: exists; cannot check it ({type(error).__name__})"
+                    print(f"apformer: warning: {message}", file=sys.stderr)
+                    table.add(source, target, cohort.SKIPPED, message)
                 continue
+            before = file_identity(target)
             try:
                 statistics = predict_file(segmenter, source, target, args)
-            except KeyboardInterrupt:
-                table.add(source, target, cohort.FAILED, "interrupted")
+            except KeyboardInterrupt as error:
+                error.report = interrupted_report(
+                    error, source, target, before, table, len(files), table_path
+                )
                 raise
             except Exception as error:  # one file's trouble never stops the others
                 message, internal_error = failure_message(error, source, target)
@@ -357,19 +439,77 @@ def run_predict(args: argparse.Namespace) -> int:
             try:
                 table.write(table_path)
             except OSError as error:
-                print(f"apformer: error: {table_path}: cannot write ({error})", file=sys.stderr)
+                stats_failed = True
+                print(
+                    f"apformer: error: {table_path}: cannot write the statistics "
+                    f"({error.strerror or error})",
+                    file=sys.stderr,
+                )
     failed = table.count(cohort.FAILED)
     if len(files) > 1 or table_path is not None:
         print(
             f"apformer: {table.count(cohort.DONE)} done, {table.count(cohort.SKIPPED)} skipped "
             f"(existed), {failed} failed of {len(files)} files"
-            + (f"; statistics in {table_path}" if table_path else ""),
+            + (f"; statistics in {table_path}" if table_path and not stats_failed else ""),
             file=sys.stderr,
         )
         for row in table.rows:
             if row["status"] == cohort.FAILED:
                 print(f"  failed: {row['message']}", file=sys.stderr)
-    return 2 if internal else 1 if failed else 0
+    return 2 if internal else 1 if failed or stats_failed else 0
+
+
+def skip_existing(source: Path, target: Path, table: cohort.StatisticsTable) -> None:
+    """An existing output without --overwrite: skipped, its statistics from its sidecar when
+    the two belong together; otherwise one line says why they are not reported."""
+    found = cohort.existing_output(target)
+    if found.problem:
+        print(
+            f"apformer: warning: {target}: exists, skipped, but {found.problem}; its "
+            "statistics are not reported (--overwrite redoes it)",
+            file=sys.stderr,
+        )
+        table.add(source, target, cohort.SKIPPED, f"exists; {found.problem}")
+    else:
+        print(f"{target}: exists, skipped (--overwrite replaces it)", file=sys.stderr)
+        table.add(source, target, cohort.SKIPPED, "exists", found.statistics)
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def interrupted_report(
+    error: BaseException,
+    source: Path,
+    target: Path,
+    before: tuple[int, int, int] | None,
+    table: cohort.StatisticsTable,
+    total: int,
+    table_path: Path | None,
+) -> str:
+    """What an interruption during `source` left, truthfully: outputs are renamed into place
+    whole (labels, then sidecar, with signals held back in between), so the file in progress
+    is either complete or not written at all; its earlier output stays as it was."""
+    completed = file_identity(target) != before and not cohort.existing_output(target).problem
+    if completed:
+        table.add(source, target, cohort.DONE, "", cohort.stored_statistics(target))
+        what = f"its output {target} was completed just before"
+    else:
+        table.add(source, target, cohort.FAILED, "interrupted")
+        what = "its output was not written" + (
+            f" ({target} from before is unchanged)" if before is not None else ""
+        )
+    done = table.count(cohort.DONE) - completed
+    return (
+        f"{interruption(error)} during {source}: {what}, and no temporary file is left; "
+        f"{done} of {total} files were done before it"
+        + (f"; statistics so far in {table_path}" if table_path else "")
+    )
 
 
 def failure_message(error: Exception, source: Path, target: Path) -> tuple[str, bool]:
@@ -391,15 +531,22 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     """Segment one file and write its labels and sidecar; returns its statistics."""
     from tqdm import tqdm
 
-    from napari_apformer.io.formats import read_image_file, write_class_table, write_labels
+    from napari_apformer.io.formats import read_image_file
 
     if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
         raise InputError(
             "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
         )
-    for stale in target.parent.glob(f".{target.name}.*.part*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    from napari_apformer.io.formats import class_table_path
+
+    blocker = cohort.sidecar_blocker(target)
+    if blocker:
+        raise InputError(blocker)
+    for path in (target, class_table_path(target)):
+        remove_stale_temporaries(path)  # what a killed run of this host left; never live ones
     image_file = read_image_file(source)
+    for note in image_file.notes:
+        print(f"apformer: warning: {source}: {note}", file=sys.stderr)
     axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
     image = segmenter.prepare(
         image_file.data, rgb=image_file.rgb, axis=axis, spacing=image_file.spacing, source=source
@@ -410,20 +557,61 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
     progress_bar = tqdm(  # disable=None: only on a terminal
         total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr, disable=None
     )
+    lines = None if sys.stderr.isatty() else ProgressLines(source, job.total)
     with progress_bar as bar:
         for progress in job:
             bar.update(progress.done - bar.n)
+            if lines is not None:
+                lines.update(progress.done)
     result = job.result
     for notice in result.notices:
         print(f"apformer: warning: {source}: {notice}", file=sys.stderr)
     voxel = cohort.voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
     statistics = cohort.statistics_of(result, segmenter.card.class_names, voxel)
-    # The sidecar first: an output whose label file exists is complete, so a rerun skips it.
-    sidecar = {**class_table(segmenter, result), "statistics": statistics}
-    write_class_table(target, finite_json(sidecar))
-    write_labels(target, result.labels, image_file)
+    write_outputs(target, result.labels, image_file, class_table(segmenter, result), statistics)
     print(f"{target}: {result.stats.summary()}")
     return statistics
+
+
+def write_outputs(target: Path, labels, image_file, table: dict, statistics: dict) -> None:
+    """Labels and their sidecar, written to temporary names and renamed into place labels
+    first, then the sidecar (which records the labels' SHA-256), with SIGINT/SIGTERM held back
+    in between: an interrupted run leaves both or neither, and a rerun that finds labels whose
+    sidecar does not match them (a SIGKILL between the renames) says so."""
+    import json
+
+    from napari_apformer.io.formats import class_table_path, write_labels
+
+    def write(temporaries: list[Path]) -> None:
+        labels_tmp, sidecar_tmp = temporaries
+        write_labels(labels_tmp, labels, image_file)
+        sidecar = {
+            **table,
+            "labels_file": {"name": target.name, **cohort.labels_record(labels_tmp)},
+            "statistics": statistics,
+        }
+        sidecar_tmp.write_text(json.dumps(finite_json(sidecar), indent=2) + "\n", "utf-8")
+
+    replace_together([target, class_table_path(target)], write)
+
+
+class ProgressLines:
+    """Progress as plain lines on stderr when it is not a terminal: at most one per
+    PROGRESS_SECONDS, never for a file done sooner."""
+
+    def __init__(self, source: Path, total: int) -> None:
+        self.source, self.total = source, total
+        self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            print(
+                f"apformer: {self.source.name}: {done} of {self.total} slices",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def class_table(segmenter, result) -> dict:

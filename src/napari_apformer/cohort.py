@@ -1,17 +1,22 @@
 """Many files in one run: shards for parallel or array jobs, per-file statistics, their CSV.
 
 Each file's statistics also go into its label sidecar (`<name>_seg.json`, key "statistics"),
-so a rerun that skips finished outputs still lists them in full.
+so a rerun that skips finished outputs still lists them in full. The sidecar also records the
+SHA-256 of the label file it was written with (key "labels_file"), so that a rerun can tell a
+finished output from labels that were replaced after their sidecar (an interrupted
+`--overwrite` run, or labels edited by hand): `existing_output`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,10 @@ from napari_apformer.io.files import write_atomically
 from napari_apformer.io.formats import class_table_path
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+GENERATOR = "napari-apformer"  # the sidecar's "generator" begins with this
+# Spreadsheets run a cell that begins with one of these as a formula (OWASP, CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+MAX_SIDECAR_BYTES = 16 * 2**20  # a sidecar of ours is a few kB
 # Per file, before the model's counters (one column NAME_percent each) and after them; the
 # classes' sizes follow.
 LEADING_COLUMNS = ("input", "output", "status", "message", "slices")
@@ -85,13 +94,127 @@ def voxel_volume_mm3(spacing: Sequence[float] | None, is_nifti: bool) -> float |
     return volume if math.isfinite(volume) and volume > 0 else None
 
 
-def stored_statistics(labels_path: Path) -> dict | None:
-    """The statistics in an existing output's sidecar, if it has them."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def labels_record(labels_path: Path) -> dict:
+    """What a sidecar records of the label file written with it (`labels_file`)."""
+    return {"sha256": file_sha256(labels_path), "bytes": labels_path.stat().st_size}
+
+
+def read_sidecar(labels_path: Path) -> tuple[dict | None, str]:
+    """(the JSON object in the sidecar of `labels_path`, "") or (None, why not: "" when there
+    is no sidecar). Never raises: bad JSON, nesting too deep, a file too big or not an object
+    are reasons."""
+    path = class_table_path(labels_path)
     try:
-        found = json.loads(class_table_path(labels_path).read_text("utf-8")).get("statistics")
-    except (OSError, ValueError, AttributeError):
+        if not path.is_file():
+            return None, ""
+        if path.stat().st_size > MAX_SIDECAR_BYTES:
+            return None, f"{path.stat().st_size} bytes, not a sidecar of ours"
+        found = json.loads(path.read_text("utf-8"))
+    except RecursionError:
+        return None, "not readable JSON (nested too deeply)"
+    except (OSError, ValueError) as error:
+        return None, f"not readable JSON ({' '.join(str(error).split())[:120]})"
+    if not isinstance(found, dict):
+        return None, "not a JSON object"
+    return found, ""
+
+
+def is_ours(table: Mapping | None) -> bool:
+    """Whether a sidecar was written by this program (older versions: a class table with the
+    weights' name)."""
+    if not isinstance(table, Mapping):
+        return False
+    generator = table.get("generator")
+    if isinstance(generator, str):
+        return generator.startswith(GENERATOR)
+    return isinstance(table.get("labels"), list) and isinstance(table.get("weights"), str)
+
+
+def sidecar_blocker(labels_path: Path) -> str | None:
+    """Why the sidecar of `labels_path` must not be written: a file there that this program
+    did not write (a BIDS sidecar, say) is never replaced, not even with --overwrite."""
+    path = class_table_path(labels_path)
+    if not path.exists() and not path.is_symlink():
         return None
-    return found if isinstance(found, dict) else None
+    if not path.is_file():
+        return f"{path}: exists and is not a file; choose another output name"
+    table, _ = read_sidecar(labels_path)
+    if is_ours(table):
+        return None
+    return (
+        f"{path}: exists and was not written by apformer (a BIDS sidecar?); it is never "
+        "replaced: choose another output name"
+    )
+
+
+@dataclass
+class Existing:
+    """An output that exists, as a rerun without --overwrite finds it."""
+
+    statistics: dict | None  # from its sidecar, when the pair checks out
+    problem: str  # "" unless its sidecar is unreadable or does not match it: why
+
+
+def existing_output(labels_path: Path) -> Existing:
+    """Check an existing label file against its sidecar. Labels without a sidecar of ours
+    (a file of the user's, or one of an older version) have no statistics and no problem.
+    Never raises."""
+    table, problem = read_sidecar(labels_path)
+    sidecar = class_table_path(labels_path)
+    if table is None:
+        return Existing(None, f"{sidecar}: {problem}" if problem else "")
+    if not is_ours(table):
+        return Existing(None, "")
+    record = table.get("labels_file")
+    if record is not None:
+        try:
+            matches = isinstance(record, Mapping) and record.get("sha256") == file_sha256(
+                labels_path
+            )
+        except OSError as error:
+            return Existing(None, f"cannot read it ({error.strerror or error})")
+        if not matches:
+            return Existing(
+                None,
+                f"it does not match its sidecar {sidecar.name} (an interrupted --overwrite "
+                "run, or labels edited since)",
+            )
+    statistics = table.get("statistics")
+    return Existing(statistics if isinstance(statistics, dict) else None, "")
+
+
+def stored_statistics(labels_path: Path) -> dict | None:
+    """The statistics in an existing output's sidecar, if it has them and matches it."""
+    return existing_output(labels_path).statistics
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell that no spreadsheet runs as a formula: text that begins with =, +, -, @, a
+    tab or a carriage return gets a leading apostrophe (as OWASP recommends); numbers stay."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def _cell(value: object) -> object:
+    """A value from a sidecar as a cell: numbers and text as they are, anything else empty."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int | float | str):
+        return value
+    return ""
+
+
+def _mapping(value: object) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
 
 
 class StatisticsTable:
@@ -123,32 +246,40 @@ class StatisticsTable:
     ) -> None:
         row: dict = {"input": str(source), "output": str(target), "status": status}
         row["message"] = message
-        statistics = statistics or {}
-        row["slices"] = statistics.get("slices", "")
+        statistics = _mapping(statistics)  # read from a sidecar: any JSON at all
+        row["slices"] = _cell(statistics.get("slices", ""))
         fractions = statistics.get("counters")
         for name in self.counters:
             column = counter_column(name)
-            if isinstance(fractions, dict):
+            if isinstance(fractions, Mapping):
                 fraction = fractions.get(name)
-                row[column] = "" if fraction is None else round(100 * fraction, 2)
+                row[column] = (
+                    round(100 * fraction, 2)
+                    if isinstance(fraction, int | float) and not isinstance(fraction, bool)
+                    else ""
+                )
             else:  # a sidecar written before the counters were named by the model
-                row[column] = statistics.get(column, "")
-        row.update({key: statistics.get(key, "") for key in COST_COLUMNS})
-        volumes = statistics.get("volumes_ml") or {}
-        voxels = statistics.get("voxels") or {}
+                row[column] = _cell(statistics.get(column, ""))
+        row.update({key: _cell(statistics.get(key, "")) for key in COST_COLUMNS})
+        volumes = _mapping(statistics.get("volumes_ml"))
+        voxels = _mapping(statistics.get("voxels"))
         for name in self.class_names:
-            row[f"{name} (ml)"] = volumes.get(name, "")
-            row[f"{name} (voxels)"] = voxels.get(name, "")
+            row[f"{name} (ml)"] = _cell(volumes.get(name, ""))
+            row[f"{name} (voxels)"] = _cell(voxels.get(name, ""))
         self.rows.append(row)
 
     def count(self, status: str) -> int:
         return sum(row["status"] == status for row in self.rows)
 
     def write(self, path: Path) -> None:
+        """The CSV, every text cell (file names, messages, class names in the header) safe
+        to open in a spreadsheet."""
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
+        writer = csv.writer(text, lineterminator="\n")
+        columns = self.columns
+        writer.writerow([spreadsheet_safe(c) for c in columns])
+        for row in self.rows:
+            writer.writerow([spreadsheet_safe(row.get(c, "")) for c in columns])
         write_atomically(path, lambda tmp: tmp.write_text(text.getvalue(), "utf-8"))
 
 

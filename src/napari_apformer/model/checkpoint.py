@@ -187,11 +187,23 @@ def check_card_fits(card: ModelCard, model: SegmentationModel, source: object) -
 def save_weights(model: SegmentationModel, card: ModelCard, path: Path) -> None:
     """Write `<path>.safetensors` and its card `<path>.json`, recording the file's SHA-256,
     the architecture and the setting defaults: the card's where it has them, else the
-    model's own (APFormer: its stored gates)."""
+    model's own (APFormer: its stored gates).
+
+    Both are written to temporary names and renamed into place together, SIGINT/SIGTERM
+    held back in between; an earlier pair is kept (as `.<name>.previous-PID.*`, a loadable
+    pair) until both new files are in place, so that even a SIGKILL between the two renames
+    does not lose it."""
+    from napari_apformer.io.files import replace_together
+
     path = path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    card.sha256 = sha256_of(path)
     card.architecture = model.architecture()
     card.settings = {**model.defaults(), **card.settings}
-    path.with_suffix(".json").write_text(card.to_json(), encoding="utf-8")
+
+    def write(temporaries: list[Path]) -> None:
+        weights, card_file = temporaries
+        save_file(state, str(weights))
+        card.sha256 = sha256_of(weights)
+        card_file.write_text(card.to_json(), encoding="utf-8")
+
+    replace_together([path, path.with_suffix(".json")], write, keep_previous=True)

@@ -5,6 +5,7 @@ family's declarations (model.base); training slices are prepared at the model's 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import shlex
 import time
@@ -13,6 +14,14 @@ from pathlib import Path
 from napari_apformer.errors import InputError
 
 DATA_KINDS = ("mni152", "images", "nifti", "release")
+# Files `apformer train -o OUT` writes beside OUT (never replaced without --overwrite)
+OUTPUT_SUFFIXES = (
+    ".safetensors",
+    ".json",
+    ".train-state.pt",
+    ".train-log.csv",
+    ".train-curves.png",
+)
 
 
 def add_train_parser(commands) -> None:
@@ -31,6 +40,12 @@ def add_train_parser(commands) -> None:
         type=Path,
         required=True,
         help="weights path without suffix, e.g. weights/my-model",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the weights, card, log, plot and state of an earlier run at OUT "
+        "(default: refuse; --resume OUT.train-state.pt continues that run)",
     )
     parser.add_argument(
         "--classes",
@@ -71,7 +86,9 @@ def add_train_parser(commands) -> None:
         help="stop after this much time, validate and keep the best weights",
     )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (0: every core)"
+    )
     parser.add_argument(
         "--learnable-gates",
         action="store_true",
@@ -206,15 +223,14 @@ def sweep_axes(args: argparse.Namespace, model) -> dict[str, list[object]]:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    import torch
 
+    from napari_apformer.cli import apply_threads
     from napari_apformer.model.checkpoint import load_model
     from napari_apformer.train import sweep
     from napari_apformer.train.datasets import SliceSet
     from napari_apformer.weights import resolve_weights
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     model = load_model(resolve_weights(args.weights))
     axes = sweep_axes(args, model)
     points = sweep.grid(axes) if axes else [{}, model.unpruned_settings()]
@@ -251,18 +267,18 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from napari_apformer.cli import given_settings
+    from napari_apformer.cli import apply_threads, check_device, given_settings
     from napari_apformer.model.card import DEFAULT_COLOURS, ClassInfo, ModelCard, Normalisation
     from napari_apformer.train.allocator import keep_freed_memory
     from napari_apformer.train.loop import TrainConfig, train
 
+    check_train_arguments(args)
+    check_device(args.device)
+    check_outputs(args)
+    if args.resume is not None:
+        check_resume_file(args.resume)
+    apply_threads(args.threads)
     keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.epochs < 1 or args.batch_size < 1 or args.ssa_every < 1:
-        raise InputError("--epochs, --batch-size and --ssa-every must be at least 1")
-    if not 0 <= args.ema < 1:
-        raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
     normalisation = Normalisation()
     started = time.perf_counter()
     given = given_settings(args)
@@ -324,7 +340,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = train(train_set, val_set, config)
+    try:
+        summary = train(train_set, val_set, config)
+    except KeyboardInterrupt as error:
+        error.report = _interrupted_report(error, args.out)
+        raise
     _record_wall_time(args.out, time.perf_counter() - started, summary)
     weights = args.out.with_suffix(".safetensors")
     if summary.best is not None:
@@ -334,6 +354,92 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"no epoch of this run beat the best so far; the weights in {weights} stay")
     return 0
+
+
+def check_train_arguments(args: argparse.Namespace) -> None:
+    """One line for each number that training cannot use, before anything is read."""
+    if args.epochs < 1 or args.batch_size < 1 or args.ssa_every < 1:
+        raise InputError("--epochs, --batch-size and --ssa-every must be at least 1")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        raise InputError(f"--steps-per-epoch must be at least 1, not {args.steps_per_epoch}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr takes a learning rate above 0, such as 1e-3, not {args.lr}")
+    if not 0 <= args.ema < 1:  # NaN fails this too
+        raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
+    if not (math.isfinite(args.gate_sparsity) and args.gate_sparsity >= 0):
+        raise InputError(f"--gate-sparsity takes a weight of 0 or more, not {args.gate_sparsity}")
+    if args.max_minutes is not None and not (
+        math.isfinite(args.max_minutes) and args.max_minutes > 0
+    ):
+        raise InputError(f"--max-minutes takes a time above 0, not {args.max_minutes}")
+    if not 0 < args.val_fraction < 1:
+        raise InputError(
+            f"--val-fraction takes a fraction between 0 and 1 (e.g. 0.2), not {args.val_fraction}"
+        )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Never replace an earlier run's weights (or its card, log, plot, state) without
+    --overwrite; --resume from OUT's own state continues that run and replaces them."""
+    from napari_apformer.io.files import same_file
+
+    if args.overwrite:
+        return
+    existing = [args.out.with_suffix(s) for s in OUTPUT_SUFFIXES]
+    existing = [p for p in existing if p.exists()]
+    state = args.out.with_suffix(".train-state.pt")
+    if not existing or (args.resume is not None and same_file(args.resume, state)):
+        return
+    more = f" (and {len(existing) - 1} more file(s) of that run)" if len(existing) > 1 else ""
+    resume = f", --resume {state} continues that run" if state.exists() else ""
+    raise InputError(
+        f"{existing[0]} exists{more}; --overwrite replaces it{resume}, or choose another -o"
+    )
+
+
+def check_resume_file(path: Path) -> dict:
+    """The training state saved by `apformer train` (OUT.train-state.pt); InputError for
+    anything else, weights included (those are for --init)."""
+    from napari_apformer.train.loop import read_state
+
+    return read_state(path)
+
+
+def _interrupted_report(error: BaseException, out: Path) -> str:
+    """What an interrupted training run left: files are replaced whole, and the weights and
+    their card together, so what is there is the best epoch's pair so far."""
+    from napari_apformer.cli import interruption
+
+    weights, state = out.with_suffix(".safetensors"), out.with_suffix(".train-state.pt")
+    left = []
+    if weights.is_file():
+        left.append(f"the weights in {weights} (with their card) are complete")
+    if state.is_file():
+        left.append(f"--resume {state} continues from the last finished epoch")
+    return f"{interruption(error)} during training; " + (
+        "; ".join(left) if left else "no weights were written"
+    )
+
+
+def refuse_shared_stems(folder: Path, suffixes: tuple[str, ...]) -> None:
+    """InputError naming the files when two in `folder` have one name but for the suffix
+    (case0.png and case0.tif): images and masks are paired by name, so one would be dropped."""
+    from napari_apformer.io.files import compound_suffix, stem_of
+
+    if not folder.is_dir():
+        return  # folder_pairs says so
+    by_stem: dict[str, list[str]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and compound_suffix(path) in suffixes:
+            by_stem.setdefault(stem_of(path), []).append(path.name)
+    shared = [names for names in by_stem.values() if len(names) > 1]
+    if shared:
+        listed = "; ".join(" and ".join(names) for names in shared[:5])
+        raise InputError(
+            f"files of one name in {folder.name}/: {listed}; images and masks are paired by "
+            "name, so keep one of each",
+            folder.parent,
+        )
 
 
 def _family_and_rule(args: argparse.Namespace, given: dict):
@@ -348,6 +454,13 @@ def _family_and_rule(args: argparse.Namespace, given: dict):
         from napari_apformer.model.checkpoint import load_model
 
         model = load_model(args.init)
+        named = len(args.classes.split(",")) if args.classes else None
+        if named is not None and named != model.n_classes:
+            raise InputError(
+                f"these weights have {model.n_classes} classes, --classes names {named}; "
+                "fine-tuning keeps the classes of the weights it starts from",
+                args.init,
+            )
     else:
         model = build_model(args.family or DEFAULT_FAMILY, 1, 2, args.variant)
     if not isinstance(model, Trainable):
@@ -381,6 +494,9 @@ def load_data(args: argparse.Namespace, normalisation, n_classes: int, rule=None
         text = f"the authors' layout in {args.release.name}"
     else:
         root = args.images or args.nifti
+        suffixes = datasets.IMAGE_SUFFIXES if args.images is not None else datasets.NIFTI_SUFFIXES
+        for sub in ("images", "masks" if args.images is not None else "labels"):
+            refuse_shared_stems(root / sub, suffixes)
         if args.images is not None:
             pairs = datasets.folder_pairs(root, "images", "masks", datasets.IMAGE_SUFFIXES)
         else:
@@ -409,6 +525,7 @@ def _cpu_name() -> str:
 
 def _record_wall_time(out: Path, seconds: float, summary) -> None:
     """Put the whole run's wall time into the card of the best weights."""
+    from napari_apformer.io.files import write_atomically
     from napari_apformer.model.card import ModelCard
 
     card_path = out.with_suffix(".json")
@@ -419,4 +536,5 @@ def _record_wall_time(out: Path, seconds: float, summary) -> None:
     card.training["epochs_run"] = summary.epochs
     card.training["steps_run"] = summary.steps
     card.training["stopped_by_time_limit"] = summary.stopped_early
-    card_path.write_text(card.to_json(), encoding="utf-8")
+    text = card.to_json()
+    write_atomically(card_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

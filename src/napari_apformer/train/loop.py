@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from napari_apformer.engine.device import resolve_device
-from napari_apformer.errors import InputError
+from napari_apformer.errors import InputError, first_line
+from napari_apformer.io.files import write_atomically
 from napari_apformer.model.base import SegmentationModel, SettingValue, Trainable, build_model
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import save_weights
@@ -173,6 +174,11 @@ class TrainingStep(nn.Module):
 
 def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainSummary:
     card = config.card
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise InputError(f"steps per epoch must be at least 1, not {config.steps_per_epoch}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise InputError(f"the learning rate must be above 0, not {config.learning_rate}")
+    state_for_resume = read_state(config.resume) if config.resume is not None else None
     check_data(train_set, val_set, card.n_classes)
     dist = Distributed(config.device)
     torch.manual_seed(config.seed)
@@ -213,9 +219,9 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
     best: Validation | None = None  # the best of this run
     best_model: SegmentationModel | None = None
     best_at = (0, 0)
-    if config.resume is not None:
+    if state_for_resume is not None:
         start_epoch, step, best_score = _resume(
-            config.resume, model, optimizer, schedule, generator, average
+            config.resume, state_for_resume, model, optimizer, schedule, generator, average
         )
     started = time.perf_counter()
     stopped = False
@@ -509,22 +515,52 @@ def _save_state(
         "step": step,
         "best_score": best_score,
     }
-    tmp = path.with_suffix(".part")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # a name of this process's own
 
 
-def _resume(
-    path: Path, model, optimizer, schedule, generator, average: WeightAverage | None
-) -> tuple[int, int, float]:
+STATE_KEYS = ("model", "optimizer", "schedule", "generator", "epoch", "step", "best_score")
+NOT_A_STATE = (
+    "not a training state (the OUT.train-state.pt that apformer train writes); to start "
+    "from weights, use --init"
+)
+
+
+def read_state(path: Path) -> dict:
+    """The training state in `path`; InputError in one line for anything else (weights, a
+    foreign or damaged file)."""
+    if not path.is_file():
+        raise InputError("training state not found", path)
+    if path.suffix in (".safetensors", ".json"):
+        raise InputError(f"{NOT_A_STATE} ({path.suffix} files hold weights or cards)", path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a bad or foreign file: say which and why
-        raise InputError(f"cannot resume from this file ({error})", path) from None
-    model.load_state_dict(state["model"])
-    if average is not None:
-        average.model.load_state_dict(state.get("average", state["model"]))
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    generator.set_state(state["generator"])
-    return int(state["epoch"]), int(state["step"]), float(state["best_score"])
+        raise InputError(f"{NOT_A_STATE} ({first_line(error, 120)})", path) from None
+    if not isinstance(state, dict) or not all(key in state for key in STATE_KEYS):
+        raise InputError(NOT_A_STATE, path)
+    return state
+
+
+def _resume(
+    path: Path,
+    state: dict,
+    model,
+    optimizer,
+    schedule,
+    generator,
+    average: WeightAverage | None,
+) -> tuple[int, int, float]:
+    try:
+        model.load_state_dict(state["model"])
+        if average is not None:
+            average.model.load_state_dict(state.get("average", state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        return int(state["epoch"]), int(state["step"]), float(state["best_score"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            "this training state is of another model or run than the one being trained "
+            f"({first_line(error, 160)})",
+            path,
+        ) from None
