@@ -80,7 +80,8 @@ def test_live_run_makes_aligned_layers_that_follow_the_sliders(
     assert kept.data.shape == (1, *image.data.shape[1:])
     assert kept.translate[0] == pytest.approx(image.translate[0] + index * image.scale[0])
     attention = output(viewer, image, "attention")
-    assert attention.data.shape == (7, 1, *image.data.shape[1:]) and attention.data.max() > 0
+    assert attention.data.shape == (1, *image.data.shape[1:]) and attention.data.max() > 0
+    assert attention.translate[0] == kept.translate[0]
     assert output(viewer, image, "query point").data.shape == (1, 3)
 
     dependencies = output(viewer, image, "kept dependencies")
@@ -136,7 +137,8 @@ def test_query_point_click_updates_attention_without_a_rerun(
     assert not runs and not widget.busy
     assert threads and threading.main_thread() not in threads
     assert not np.array_equal(attention.data, first)
-    assert output(viewer, image, "query point").data[0] == pytest.approx(world, abs=1.0)
+    query = output(viewer, image, "query point")
+    assert query.data_to_world(query.data[0]) == pytest.approx(world, abs=1.0)
     widget.attention_before.value = True  # re-rendered from the same rows
     assert not runs
     corner = (image.translate[0], image.translate[1] + 1.0, image.translate[2] + 1.0)
@@ -272,13 +274,15 @@ def test_no_image_layer_and_unfit_weights_give_notifications(viewer, qtbot, noti
     wait_idle(qtbot, widget)
     widget.run_volume.clicked.emit()
     assert sum("no image layer" in n for n in notices) >= 2
-    colour = APFormer(in_channels=3, n_classes=2)
-    save_weights(colour, ModelCard.generic("colour", 3, 2), tmp_path / "colour.safetensors")
+    # Weights for 2-channel images cannot take a grey image (3-channel ones repeat it).
+    two = APFormer(in_channels=2, n_classes=2)
+    save_weights(two, ModelCard.generic("two", 2, 2), tmp_path / "two.safetensors")
     viewer.open_sample(PLUGIN, "mni152_slice")
-    widget.weights_file.value = tmp_path / "colour.safetensors"
+    widget.weights_file.value = tmp_path / "two.safetensors"
     widget.weights_choice.value = widget_module.OTHER_WEIGHTS
     wait_idle(qtbot, widget)
-    assert any("colour (RGB)" in n for n in notices)
+    refused = [n for n in notices if "these weights expect 2 channels" in n]
+    assert refused and refused[0].startswith("APFormer: these weights expect 2 channels")
 
 
 def test_colour_photograph_and_2d_layers(viewer, qtbot, official_weights):
@@ -288,7 +292,7 @@ def test_colour_photograph_and_2d_layers(viewer, qtbot, official_weights):
     assert not widget.axis_choice.visible and not widget.run_volume.enabled
     seg = output(viewer, image, "segmentation")
     assert seg.data.shape == image.data.shape[:2]
-    assert output(viewer, image, "attention").data.shape == (7, *image.data.shape[:2])
+    assert output(viewer, image, "attention").data.shape == image.data.shape[:2]
 
 
 def test_reader_in_the_viewer_and_the_segment_menu(viewer, tmp_path):
@@ -347,7 +351,7 @@ def test_controls_come_from_the_model_settings(viewer, qtbot, official_weights):
             assert (each.min, each.max, each.step) == pytest.approx(
                 (low, setting.high, setting.step)
             )
-            assert each.tooltip == setting.help
+            assert setting.help in each.tooltip and "Range:" in each.tooltip
         assert controls.slider.value == pytest.approx(np.mean(setting.default))
         assert shown(widget, controls.slider) and controls.slider.label == setting.label
     assert (declared[0].low, declared[0].high) == (0.0, 1.0) and declared[0].low_open
@@ -364,11 +368,17 @@ def test_controls_come_from_the_model_settings(viewer, qtbot, official_weights):
     wait_idle(qtbot, widget)
     # Attention controls: this model has query-point attention, on each of its 4 layers.
     assert all(shown(widget, c) for c in widget.attention_controls)
-    assert widget.attention_layer.max == 4 and widget.attention_layer.value == 4
+    assert widget.attention_layer.max == 4 and widget.attention_layer.value == 1
+    assert widget.attention_head.choices == (
+        "mean of the heads",
+        *(f"head {h}" for h in range(1, 7)),
+    )
     lines = widget.readout.value.split("<br>")
     assert lines[0] == f"slice {widget._last.request.index}"
-    assert lines[1] == widget._last.stats.fractions_text()
-    assert "GFLOP spent" in lines[2] and lines[3].endswith("ms on cpu")
+    assert lines[1].startswith("kept tokens: ") and "% of the image's tokens" in lines[1]
+    assert lines[2].startswith("kept dependencies: ")
+    assert lines[3].startswith("this run: ") and " ms on cpu (" in lines[3]
+    assert lines[4].startswith("a full pass")
 
 
 class TinyNet(SegmentationModel):
@@ -426,9 +436,9 @@ def test_controls_are_rebuilt_for_another_depth_or_family(
     wait_idle(qtbot, widget)
     gate = widget.setting_controls["gate"]
     assert len(gate.layer_sliders) == 2 and len(float_sliders(widget)) == 2 + 2
-    assert widget.attention_layer.max == 2 and widget.attention_layer.value == 2
+    assert widget.attention_layer.max == 2 and widget.attention_layer.value == 1
     assert len(widget._last.settings["gate"]) == 2
-    assert output(viewer, image, "attention").data.shape[0] == 2 + 1  # the mean and 2 heads
+    assert widget.attention_head.choices == ("mean of the heads", "head 1", "head 2")
     gate.per_layer.value = True
     gate.layer_sliders[1].value = 1.5
     wait_idle(qtbot, widget)

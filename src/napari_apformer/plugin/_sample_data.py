@@ -15,8 +15,13 @@ def brain_slice() -> list[LayerData]:
 
 
 def brain_volume() -> list[LayerData]:
-    """The MNI152 T1 at 2 mm with its tissue labels (CSF, grey and white matter)."""
-    return [_open("mni152_t1_2mm.nii.gz"), _open("mni152_t1_2mm_tissue_labels.nii.gz")]
+    """The MNI152 T1 at 2 mm with its tissue labels (CSF, grey and white matter). The
+    reference labels open hidden (tick their eye in the layer list to compare): shown, they
+    would cover the image and the widget's own layers."""
+    data, kwargs, kind = _open("mni152_t1_2mm_tissue_labels.nii.gz")
+    kwargs["name"] = f"{kwargs['name']} (reference)"
+    kwargs["visible"] = False
+    return [_open("mni152_t1_2mm.nii.gz"), (data, kwargs, kind)]
 
 
 def retina() -> list[LayerData]:

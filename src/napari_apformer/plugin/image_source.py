@@ -37,6 +37,10 @@ class ImageSource:
     source: SourceInfo | None
     axis_labels: tuple[str, ...]  # of the layer's leading and spatial axes
     units: tuple[str, ...]
+    # The layer's scale and translate along its leading axes (a 4D file's time axis: the
+    # volumes' spacing in ms, say): layers of one volume sit where it is shown.
+    leading_scale: tuple[float, ...] = ()
+    leading_translate: tuple[float, ...] = ()
 
     def spatial_axes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Axis labels and units of the spatial axes."""
@@ -100,14 +104,23 @@ class ImageSource:
 
     def slice_placement(self, axis: int, index: int) -> tuple[tuple, tuple]:
         """Scale and translate of a one-slice-thick layer at slice `index` along `axis`, with
-        the layer's leading axes as length-1 axes at the current position."""
+        the layer's leading axes as length-1 axes at the current position (with the image's
+        own scale there, so that the viewer's steps along them do not change)."""
         translate = list(self.translate)
         if self.spatial_ndim == 3:
             translate[axis] += index * self.scale[axis]
+        lead_scale, lead_translate = self.leading_placement()
+        return lead_scale + tuple(self.scale), lead_translate + tuple(translate)
+
+    def leading_placement(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Scale and translate along the leading axes of a layer of the current volume only."""
         lead = len(self.leading_index)
-        return (1.0,) * lead + tuple(self.scale), tuple(
-            float(i) for i in self.leading_index
-        ) + tuple(translate)
+        scale = self.leading_scale if len(self.leading_scale) == lead else (1.0,) * lead
+        start = self.leading_translate if len(self.leading_translate) == lead else (0.0,) * lead
+        translate = tuple(
+            float(t + i * s) for t, i, s in zip(start, self.leading_index, scale, strict=True)
+        )
+        return tuple(float(s) for s in scale), translate
 
     def slice_shape_for_layer(self, axis: int) -> tuple[int, ...]:
         """Shape of a one-slice map layer (leading axes of length 1, slice axis of length 1)."""
@@ -170,4 +183,6 @@ def image_source(layer, world_point: tuple[float, ...] | None = None) -> ImageSo
         SourceInfo.of(layer.metadata),
         tuple(str(a) for a in layer.axis_labels[: lead + spatial]),
         tuple(str(u) for u in layer.units[: lead + spatial]),
+        tuple(float(s) for s in layer.scale[:lead]),
+        tuple(float(t) for t in layer.translate[:lead]),
     )

@@ -23,21 +23,54 @@ from napari_apformer.plugin.layer_metadata import (
     CLASSES_KEY,
     class_colormap,
     class_features,
+    rgba,
 )
 
 MASK_ON, MASK_OFF = 1, 2  # values of a mask layer (0 is napari's "no label")
-MASK_COLOUR = "#2038c0"  # where a mask is off: what is left out is what stands out
+# Where a mask is off (what is left out is what stands out): the first of these that is far
+# from every class colour and from the attention's colormap (inferno: black, purple, red,
+# yellow) and the query point (cyan).
+MASK_COLOURS = ("#3cb44b", "#9a6324", "#808000", "#e6194b", "#911eb4")
+MASK_MIN_DISTANCE = 120.0  # in RGB units (0..255 per channel)
 KIND_COLORMAPS = {"probability": "viridis", "fraction": "viridis"}
+UNIFORM = 1.0  # attention in multiples of uniform: at or below this it is transparent
 SEGMENTATION, ATTENTION, QUERY = "segmentation", "attention", "query point"
+OUTPUT_KEY = "napari_apformer_output"  # in the metadata of every layer made here: its role
+CONTOUR = 1  # segmentation outline width (pixels) while the attention is shown
 
 
-def mask_table(spec: MapSpec) -> list[dict]:
-    """Classes of a mask layer: cells in the mask clear, cells outside it shaded."""
+def mask_colour(table: Sequence[dict] = ()) -> str:
+    """The shading of cells outside a mask: a colour no class of `table` is close to."""
+    classes = [_rgb255(c["colour"]) for c in table if c.get("value", 1) != 0]
+    best, best_distance = MASK_COLOURS[0], -1.0
+    for colour in MASK_COLOURS:
+        rgb = _rgb255(colour)
+        distance = min((float(np.linalg.norm(rgb - c)) for c in classes), default=np.inf)
+        if distance >= MASK_MIN_DISTANCE:
+            return colour
+        if distance > best_distance:
+            best, best_distance = colour, distance
+    return best
+
+
+def mask_table(spec: MapSpec, classes: Sequence[dict] = ()) -> list[dict]:
+    """Classes of a mask layer: cells in the mask clear, cells outside it shaded in a colour
+    none of `classes` uses."""
     return [
         {"value": 0, "name": "none", "colour": "#000000"},
         {"value": MASK_ON, "name": spec.label, "colour": "#00000000"},
-        {"value": MASK_OFF, "name": f"not {spec.label}", "colour": MASK_COLOUR},
+        {"value": MASK_OFF, "name": f"not {spec.label}", "colour": mask_colour(classes)},
     ]
+
+
+def image_cells(box: Letterbox, stride: int) -> np.ndarray:
+    """(rows, cols) bool: the grid cells that some pixel of the slice lies in, that is the
+    tokens over the image rather than over the letterbox's padding."""
+    rows, cols = box.grid_shape(stride)
+    index = box.grid_to_image(np.arange(rows * cols).reshape(rows, cols), stride)
+    cells = np.zeros(rows * cols, bool)
+    cells[np.unique(index)] = True
+    return cells.reshape(rows, cols)
 
 
 @dataclass
@@ -55,6 +88,10 @@ class SliceMaps:
     def on_image(self, spec: MapSpec) -> np.ndarray:
         """Map `spec` on the slice's pixels (h, w)."""
         return self.letterbox.grid_to_image(self.maps[spec.name], spec.stride)
+
+    def over_image(self, spec: MapSpec) -> np.ndarray:
+        """The values of map `spec` at the tokens over the image (not the padding), flat."""
+        return self.maps[spec.name][image_cells(self.letterbox, spec.stride)]
 
 
 class OutputLayers:
@@ -95,7 +132,7 @@ class OutputLayers:
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
-        metadata = {CLASSES_KEY: table}
+        metadata = {CLASSES_KEY: table, OUTPUT_KEY: SEGMENTATION}
         if image.source is not None:
             metadata.update(image.source.to_metadata())
         axis_labels, units = image.spatial_axes()
@@ -129,7 +166,7 @@ class OutputLayers:
             plane = maps.on_image(spec)
             if spec.kind == "mask":
                 plane = np.where(plane, MASK_ON, MASK_OFF).astype(np.uint8)
-            self._slice_layer(image, maps, role, spec, plane)
+            self._slice_layer(image, maps, role, spec, plane, table)
         for role in [r for r in self._layers if r.startswith("map:") and r not in roles]:
             self.remove(role)  # maps of weights used before, which these do not declare
 
@@ -139,75 +176,110 @@ class OutputLayers:
         axis: int,
         index: int,
         box: Letterbox,
-        heads: np.ndarray,
+        weights: np.ndarray,
         stride: int,
-    ) -> None:
-        """heads: (H, rows, cols) attention of the query on a grid of `stride` pixel cells;
-        shown as (mean, head 1..H) on an axis."""
-        stack = np.concatenate([heads.mean(axis=0, keepdims=True), heads])
-        maps = box.grid_to_image(stack, stride).astype(np.float32)  # (H + 1, h, w)
-        if image.spatial_ndim == 3:
-            maps = np.expand_dims(maps, axis=1 + axis)
-        maps = maps.reshape((maps.shape[0], *(1,) * len(image.leading_index), *maps.shape[1:]))
+    ) -> float:
+        """weights: (rows, cols) attention of the query (one head, or the mean of the heads)
+        on a grid of `stride` pixel cells. Shown in multiples of uniform attention (1 = the
+        query attends to every token of the grid alike): transparent at uniform or less,
+        then more opaque and brighter up to this map's own peak, so a weak head is as
+        readable as a strong one and the image stays visible where the query does not look.
+        Returns the peak. While the layer is shown the segmentation is drawn as outlines."""
+        tokens = weights.size
+        values = box.grid_to_image(weights * tokens, stride).astype(np.float32)
+        data = values.reshape(image.slice_shape_for_layer(axis))
         scale, translate = image.slice_placement(axis, index)
+        top = float(values.max())
+        limits = (UNIFORM, top) if top > UNIFORM else (0.0, max(top, UNIFORM))
         layer = self.get(ATTENTION)
-        top = float(maps.max()) or 1.0
-        if layer is None or layer.data.shape != maps.shape:
-            if layer is not None:
-                self.viewer.layers.remove(layer)
-            layer = self.viewer.add_image(
-                maps,
-                name=self.name(ATTENTION),
-                scale=(1.0, *scale),
-                translate=(0.0, *translate),
-                colormap="inferno",
-                blending="additive",
-                opacity=0.8,
-                contrast_limits=(0.0, top),
-                axis_labels=("head (0 = mean)", *image.axis_labels),
-                units=("pixel", *image.units),
-            )
-            self._layers[ATTENTION] = layer
-        else:
-            layer.contrast_limits = (0.0, top)
-            _update_in_place(layer, maps, (0.0, *translate))
+        if layer is not None and layer.data.shape == data.shape:
+            layer.contrast_limits = limits
+            _update_in_place(layer, data, translate)
+            self._attention_visibility()
+            return top
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        layer = self.viewer.add_image(
+            data,
+            name=self.name(ATTENTION),
+            scale=scale,
+            translate=translate,
+            colormap=attention_colormap(),
+            blending="translucent",
+            opacity=0.9,
+            contrast_limits=limits,
+            axis_labels=image.axis_labels,
+            units=image.units,
+            metadata={
+                OUTPUT_KEY: ATTENTION,
+                "value": "x uniform (1 = attention spread evenly over all tokens)",
+            },
+        )
+        layer.colorbar.visible = True
+        layer.events.visible.connect(self._attention_visibility)
+        self._layers[ATTENTION] = layer
+        self._attention_visibility()
+        return top
+
+    def _attention_visibility(self, *_: object) -> None:
+        """The segmentation as outlines while the attention is shown, filled otherwise."""
+        seg, attention = self.get(SEGMENTATION), self.get(ATTENTION)
+        contour = CONTOUR if attention is not None and attention.visible else 0
+        if seg is not None and seg.contour != contour:
+            seg.contour = contour
 
     def remove_attention(self) -> None:
         """For weights without query-point attention: no stale attention or query point."""
         self.remove(ATTENTION)
         self.remove(QUERY)
+        self._attention_visibility()
 
     def show_query(self, image: ImageSource, world: tuple[float, ...]) -> None:
+        """A cross at the query point; placed like the image (its scale and translate), so
+        that the viewer's slider steps stay the image's."""
+        scale = np.asarray(image.scale, float)
+        translate = np.asarray(image.translate, float)
+        point = ((np.asarray(world, float) - translate) / scale)[None]
         layer = self.get(QUERY)
-        point = np.asarray([world], dtype=float)
         if layer is None:
             axis_labels, units = image.spatial_axes()
             layer = self.viewer.add_points(
                 point,
+                scale=image.scale,
+                translate=image.translate,
                 axis_labels=axis_labels,
                 units=units,
                 name=self.name(QUERY),
                 symbol="cross",
                 face_color="cyan",
                 border_color="cyan",
-                size=6 * max(image.scale),
+                size=6,
             )
             self._layers[QUERY] = layer
         elif not np.allclose(layer.data, point):
             layer.data = point
 
     def _slice_layer(
-        self, image: ImageSource, maps: SliceMaps, role: str, spec: MapSpec, plane: np.ndarray
+        self,
+        image: ImageSource,
+        maps: SliceMaps,
+        role: str,
+        spec: MapSpec,
+        plane: np.ndarray,
+        classes: Sequence[dict],
     ) -> None:
         data = plane.reshape(image.slice_shape_for_layer(maps.axis))
         scale, translate = image.slice_placement(maps.axis, maps.index)
         layer = self.get(role)
         if layer is not None and layer.data.shape == data.shape:
+            if spec.kind == "mask" and layer.metadata.get(CLASSES_KEY) != mask_table(spec, classes):
+                _set_classes(layer, mask_table(spec, classes))
             _update_in_place(layer, data, translate)
             return
         if layer is not None:
             self.viewer.layers.remove(layer)
         common = {
+            "metadata": {OUTPUT_KEY: role},
             "name": self.name(spec.label),
             "scale": scale,
             "translate": translate,
@@ -216,7 +288,7 @@ class OutputLayers:
         }
         if spec.kind == "mask":
             layer = self.viewer.add_labels(data, opacity=0.5, **common)
-            _set_classes(layer, mask_table(spec))
+            _set_classes(layer, mask_table(spec, classes))
         else:
             layer = self.viewer.add_image(
                 data.astype(np.float32),
@@ -226,6 +298,20 @@ class OutputLayers:
                 **common,
             )
         self._layers[role] = layer
+
+
+def attention_colormap():
+    """inferno, transparent at the bottom of the contrast range and opaque at the top."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    steps = np.linspace(0.0, 1.0, 32)
+    colours = ensure_colormap("inferno").map(steps).copy()
+    colours[:, 3] = np.sqrt(steps)
+    return Colormap(colours, name="attention (inferno, fading)", controls=steps)
+
+
+def _rgb255(colour: str) -> np.ndarray:
+    return rgba(colour)[:3].astype(float) * 255
 
 
 def _update_in_place(layer, data: np.ndarray, translate: tuple) -> None:

@@ -16,6 +16,7 @@ newest settings, and a result older than the newest request is never shown.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import weakref
 from functools import partial
@@ -29,6 +30,7 @@ from magicgui.widgets import (
     FileEdit,
     FloatSlider,
     Label,
+    ProgressBar,
     PushButton,
     Slider,
     create_widget,
@@ -37,14 +39,29 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QCoreApplication, QEvent, QThreadPool, QTimer
+from qtpy.QtCore import QCoreApplication, QEvent, Qt, QThreadPool, QTimer
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_apformer.engine.device import available_devices
+from napari_apformer.engine.stats import RunStats
 from napari_apformer.errors import InputError
-from napari_apformer.model.base import Setting, SettingValue
+from napari_apformer.model.base import MapSpec, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
 from napari_apformer.plugin.image_source import ImageSource, image_source
-from napari_apformer.plugin.layers import OutputLayers, legend_html
+from napari_apformer.plugin.layer_metadata import (
+    SourceInfo,
+    mixed_planes_note,
+    note_live_plane,
+    note_volume_run,
+)
+from napari_apformer.plugin.layers import (
+    OUTPUT_KEY,
+    UNIFORM,
+    OutputLayers,
+    SliceMaps,
+    image_cells,
+    legend_html,
+)
 from napari_apformer.plugin.runs import (
     LiveOutcome,
     LiveRequest,
@@ -56,6 +73,11 @@ from napari_apformer.plugin.runs import (
 from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 
 OTHER_WEIGHTS = "other file..."
+MEAN_OF_HEADS = "mean of the heads"
+# Edges of the bins in which the read-out counts a probability map's values (see
+# distribution_text), and the value every other threshold is compared with.
+PROBABILITY_BINS = (0.1, 0.5, 0.9, 0.99)
+REFERENCE_THRESHOLD = 0.5
 DEBOUNCE_MS = 0  # merges events queued together; changes during a run merge into one rerun
 EXIT_WAIT_MS = 120_000  # at interpreter exit: the longest wait for a run to stop
 log = logging.getLogger(__name__)
@@ -72,19 +94,22 @@ class SettingControls:
         self.setting = setting
         low = setting.low + setting.step if setting.low_open else setting.low
         limits = {"min": low, "max": setting.high, "step": setting.step}
-        self.slider = FloatSlider(label=setting.label, tooltip=setting.help, **limits)
+        self.slider = FloatSlider(label=setting.label, tooltip=setting_tooltip(setting), **limits)
         self.per_layer: CheckBox | None = None
         self.layer_sliders: list[FloatSlider] = []
         if setting.per_layer:
             self.per_layer = CheckBox(
                 text=f"per-layer {setting.label} (advanced)",
                 value=False,
-                tooltip=f"one {setting.label} for each of the {setting.per_layer} layers",
+                tooltip=(
+                    f"Ticked: set the {setting.label} of each of the {setting.per_layer} "
+                    f"layers on its own slider. Unticked: one {setting.label} for all layers."
+                ),
             )
             self.layer_sliders = [
                 FloatSlider(
                     label=f"{setting.label}, layer {i + 1}",
-                    tooltip=setting.help,
+                    tooltip=f"Layer {i + 1} only. {setting_tooltip(setting)}",
                     visible=False,
                     **limits,
                 )
@@ -145,6 +170,8 @@ class APFormerWidget(Container):
         self._volume_progress = None
         self._volume_notices = 0  # notices of the running volume job already shown
         self._outputs: dict[int, OutputLayers] = {}
+        self._distribution: tuple[Setting, MapSpec] | None = None
+        self._heads = 1  # attention heads of the model the controls are for
         self._last: LiveOutcome | None = None
         self._query_world: tuple[float, ...] | None = None
         self._slice_key: tuple | None = None
@@ -162,52 +189,151 @@ class APFormerWidget(Container):
     # ----------------------------------------------------------------------------- controls
     def _build_controls(self) -> None:
         shipped = list(shipped_weights())
-        self.image_choice = create_widget(annotation=Image, label="image")
+        self.image_choice = create_widget(
+            annotation=Image,
+            label="image",
+            options={
+                "tooltip": "The image layer to segment. Open one with File > Open, or a "
+                "sample with File > Open Sample > APFormer."
+            },
+        )
         self.weights_choice = ComboBox(
             label="weights",
             choices=[*shipped, OTHER_WEIGHTS],
             value=DEFAULT_WEIGHTS if DEFAULT_WEIGHTS in shipped else OTHER_WEIGHTS,
+            tooltip="The trained model that segments. What it was trained on, and so what "
+            "it can be trusted with, is shown below. 'other file...' opens a weights file.",
         )
         self.weights_file = FileEdit(
-            label="weights file", mode="r", filter="*.safetensors *.pth *.pt", visible=False
+            label="weights file",
+            mode="r",
+            filter="*.safetensors *.pth *.pt",
+            visible=False,
+            tooltip="A weights file: this plugin's .safetensors (its .json card beside it) "
+            "or the authors' .pth checkpoint.",
         )
-        self.device_choice = ComboBox(label="device", choices=["auto", *available_devices()])
-        self.axis_choice = ComboBox(label="slice axis", choices=self._axis_names)
+        self.weights_about = Label(label="about", value="")
+        self.weights_about.tooltip = "What the weights' card says they were made for."
+        self.device_choice = ComboBox(
+            label="device",
+            choices=["auto", *available_devices()],
+            tooltip="Where the model runs. 'auto' uses a GPU if there is one, else the CPU.",
+        )
+        self.axis_choice = ComboBox(
+            label="slice axis",
+            choices=self._axis_names,
+            tooltip="The model segments 2D slices: the axis the volume is cut across. "
+            "Choosing one turns the view to that plane; 'Run on volume' cuts along it.",
+        )
         # The model's settings go after the axis choice (see _build_setting_controls).
-        self.attention_layer = Slider(label="attention of layer", min=1, max=1, value=1)
-        self.attention_before = CheckBox(text="attention before pruning")
-        self.click_query = CheckBox(text="a click on the image sets the query point", value=True)
-        self.attention_controls = [self.attention_layer, self.attention_before, self.click_query]
+        self.distribution = Label(label="", value="", visible=False)
+        self.distribution.tooltip = (
+            "How the image's tokens spread over the probability the threshold above is "
+            "compared with: a tall bin near the slider's value means a small move of it "
+            "changes much; none means it changes nothing."
+        )
+        self.attention_layer = Slider(
+            label="attention of layer",
+            min=1,
+            max=1,
+            value=1,
+            tooltip="Which transformer layer's attention to show (1 = the first).",
+        )
+        self.attention_head = ComboBox(
+            label="attention head",
+            choices=self._head_names,  # a function: napari resets every choice on layer events
+            tooltip="One attention head, or the mean of all heads. Each map's colours run "
+            "from 0 to its own peak, so a weak head reads as well as a strong one.",
+        )
+        self.attention_before = CheckBox(
+            text="attention before pruning",
+            tooltip="Show the attention as it is without dependency pruning (the gate): "
+            "compare with it unticked to see which links the gate removes.",
+        )
+        self.click_query = CheckBox(
+            text="a click on the image sets the query point",
+            value=True,
+            tooltip="Ticked: a click (without dragging) on the image moves the cyan cross; "
+            "the attention then shows where the model looks from that point.",
+        )
+        self.attention_legend = Label(label="attention", value="")
+        self.attention_legend.tooltip = (
+            "What the attention layer shows. Hovering over the image shows its value "
+            "there in the status bar (with the attention layer selected)."
+        )
+        self.attention_controls = [
+            self.attention_layer,
+            self.attention_head,
+            self.attention_before,
+            self.click_query,
+            self.attention_legend,
+        ]
         for control in self.attention_controls:
             control.visible = False
-        self.live = CheckBox(text="live: rerun the current slice on every change", value=True)
-        self.run_slice = PushButton(text="Run on slice")
-        self.run_volume = PushButton(text="Run on volume")
-        self.cancel = PushButton(text="Cancel", enabled=False)
+        self.live = CheckBox(
+            text="live: rerun the current slice on every change",
+            value=True,
+            tooltip="Ticked: the slice on screen is segmented again whenever a slider, the "
+            "slice or the weights change. Unticked: only when you press 'Run on slice'.",
+        )
+        self.run_slice = PushButton(text="Run on slice", tooltip="Segment the slice on screen now.")
+        self.run_volume = PushButton(
+            text="Run on volume",
+            tooltip="Segment every slice along the slice axis with the settings above. Save "
+            "the labels with File > Save Selected Layers (the segmentation layer selected).",
+        )
+        self.cancel = PushButton(
+            text="Cancel",
+            enabled=False,
+            tooltip="Stop the volume run; slices already done keep their new labels.",
+        )
+        self.volume_progress = ProgressBar(label="volume run", min=0, max=1, value=0, visible=False)
+        self.volume_progress.tooltip = "Slices of the volume run done so far."
         self.legend = Label(label="classes")
+        self.legend.tooltip = "The colours of the classes in the segmentation layer."
         self.readout = Label(label="result", value="not run yet")
+        self.readout.tooltip = (
+            "What the last run did: how much of the image the model kept, what it cost in "
+            "operations (GFLOP) and time."
+        )
+        # Word wrap first: the scroll area takes its minimum width from the first layout.
+        for label in (
+            self.legend,
+            self.readout,
+            self.weights_about,
+            self.distribution,
+            self.attention_legend,
+        ):
+            label.native.setWordWrap(True)
+            label.native.setTextFormat(Qt.TextFormat.RichText)
+            # Wrapped to the dock's width, never widening it; as tall as the text needs
+            # (napari docks the widget itself, not a scroll area: keep the texts short).
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
         self.extend(
             [
                 self.image_choice,
                 self.weights_choice,
                 self.weights_file,
+                self.weights_about,
                 self.device_choice,
                 self.axis_choice,
+                self.distribution,
                 self.attention_layer,
+                self.attention_head,
                 self.attention_before,
                 self.click_query,
+                self.attention_legend,
                 self.live,
                 Container(
                     widgets=[self.run_slice, self.run_volume, self.cancel],
                     layout="horizontal",
                     labels=False,
                 ),
+                self.volume_progress,
                 self.legend,
                 self.readout,
             ]
         )
-        for label in (self.legend, self.readout):
-            label.native.setWordWrap(True)
 
     def _build_setting_controls(self, info: ModelInfo) -> None:
         """Controls for the model's settings and its attention; rebuilt only when what they
@@ -221,20 +347,36 @@ class APFormerWidget(Container):
             for widget in controls.widgets:
                 self.remove(widget)
         self.setting_controls = {}
+        self.remove(self.distribution)
+        self._distribution = probability_pair(info)
         position = self.index(self.axis_choice) + 1
         for setting in info.settings:
             controls = SettingControls(setting)
             for widget in controls.widgets:
                 self.insert(position, widget)
                 position += 1
+                pair = self._distribution
+                if widget is controls.slider and pair is not None and pair[0] is setting:
+                    self.insert(position, self.distribution)  # right under its slider
+                    position += 1
             for slider in controls.sliders:
                 slider.changed.connect(self._request_live)
             if controls.per_layer is not None:
                 controls.per_layer.changed.connect(partial(self._on_per_layer_changed, controls))
             self.setting_controls[setting.name] = controls
-        layers = info.attention_shape[0] if info.attention_shape is not None else 1
+        if self._distribution is None:
+            self.insert(position, self.distribution)
+        else:
+            controls = self.setting_controls[self._distribution[0].name]
+            controls.slider.changed.connect(self._show_distribution)
+        self.distribution.visible = False
+        self._set_text(self.distribution, "")
+        layers, heads = info.attention_shape or (1, 1)
         self.attention_layer.max = layers
-        self.attention_layer.value = layers
+        self.attention_layer.value = 1  # the first layer's attention is the most local
+        self._heads = heads
+        self.attention_head.reset_choices()
+        self.attention_head.value = MEAN_OF_HEADS
         for control in self.attention_controls:
             control.visible = info.attention_shape is not None
         self._controls_key = key
@@ -246,14 +388,32 @@ class APFormerWidget(Container):
         self.device_choice.changed.connect(self._request_live)
         self.axis_choice.changed.connect(self._on_axis_changed)
         self.attention_layer.changed.connect(self._show_attention)
+        self.attention_head.changed.connect(self._show_attention)
         self.attention_before.changed.connect(self._show_attention)
         self.live.changed.connect(self._request_live)
         self.run_slice.clicked.connect(lambda: self._request_live(force=True))
         self.run_volume.clicked.connect(self.start_volume)
         self.cancel.clicked.connect(self.cancel_volume)
         self.viewer.dims.events.current_step.connect(self._on_dims_changed)
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.mouse_drag_callbacks.append(self._on_mouse)
         self.native.destroyed.connect(self._shutdown)
+
+    def _set_text(self, label: Label, text: str) -> None:
+        """A new text for one of the wrapped labels, and the room it needs (Qt does not lay
+        the form out again by itself when a wrapped label's text grows)."""
+        if label.value == text:
+            return
+        label.value = text
+        if self._closed or not _qt_alive(self.native):
+            return
+        widget = label.native
+        while widget is not None and widget is not self.native:
+            widget.updateGeometry()  # the cached heights of the label and its row
+            widget = widget.parentWidget()
+        layout = self.native.layout()
+        layout.invalidate()
+        layout.activate()
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -319,11 +479,39 @@ class APFormerWidget(Container):
         if names:
             self.axis_choice.value = names[self._displayed_slice_axis(image)]
         self.run_volume.enabled = image.spatial_ndim == 3 and self._volume_worker is None
-        if image.is_nifti:
-            # Scanner y is anterior: draw it upwards, as medical viewers do (x = right stays
-            # to the right: neurological convention).
-            self.viewer.scene.camera.orientation2d = ("up", "right")
+        self._orient_for(self.image_choice.value)
         self._request_live()
+
+    def _orient_for(self, layer) -> None:
+        """Draw a NIfTI layer with scanner y (anterior) upwards, as medical viewers do (x =
+        right stays to the right: neurological convention); any other image as napari's
+        settings say (row 0 at the top by default), so that a photograph opened after a
+        scan is not drawn upside down."""
+        if layer is None:
+            return
+        source = SourceInfo.of(getattr(layer, "metadata", None))
+        if source is not None and source.nifti is not None:
+            vertical = "up"
+        else:
+            from napari.settings import get_settings
+
+            vertical = str(get_settings().application.vertical_axis_orientation)
+        camera = self.viewer.scene.camera
+        orientation = (vertical, str(camera.orientation2d[1]))
+        if tuple(str(o) for o in camera.orientation2d) != orientation:
+            camera.orientation2d = orientation
+
+    def _on_layer_inserted(self, event) -> None:
+        """An image opened now is drawn the right way up (see _orient_for); the widget's
+        own output layers (which carry no image of their own) change nothing."""
+        layer = getattr(event, "value", None)
+        if self._closed or not isinstance(layer, Image):
+            return
+        if OUTPUT_KEY not in layer.metadata:
+            self._orient_for(layer)
+
+    def _head_names(self, *_: object) -> list[str]:
+        return [MEAN_OF_HEADS, *(f"head {h + 1}" for h in range(self._heads))]
 
     def _axis_names(self, *_: object) -> list[str]:
         try:
@@ -357,10 +545,11 @@ class APFormerWidget(Container):
         try:
             card = self._card()
         except InputError as error:
-            show_error(str(error))
+            show_error(message_of(error))
             return
+        self._set_text(self.weights_about, card_about(card) if card is not None else "")
         if card is not None:
-            self.legend.value = legend_html(card.class_table())
+            self._set_text(self.legend, legend_html(card.class_table()))
             if card.placeholder:
                 show_warning(
                     f"weights '{card.name}' are a random placeholder, not trained: "
@@ -403,7 +592,8 @@ class APFormerWidget(Container):
             return
         self._model_info = info
         self._build_setting_controls(info)
-        self.legend.value = legend_html(info.card.class_table())
+        self._set_text(self.legend, legend_html(info.card.class_table()))
+        self._set_text(self.weights_about, card_about(info.card))
         self._request_live()
 
     def _on_model_finished(self) -> None:
@@ -477,7 +667,7 @@ class APFormerWidget(Container):
             settings = self.settings()
         except InputError as error:
             if self.image_choice.value is not None or self._generation > 1:
-                show_error(str(error))
+                show_error(message_of(error))
             return
         if not self._controls_ready(settings.weights):
             self._live_pending = True  # the controls first (an earlier load failed)
@@ -521,8 +711,10 @@ class APFormerWidget(Container):
         outputs = self._outputs_for(layer, image)
         had_layers = outputs.get("segmentation") is not None
         outputs.show_slice(image, outcome.maps, table, card.n_classes)
-        self.legend.value = legend_html(table)
-        self.readout.value = _readout(outcome)
+        self._set_text(self.legend, legend_html(table))
+        self._note_live_plane(outputs, outcome)
+        self._set_text(self.readout, self._readout(outcome))
+        self._show_distribution()
         if outcome.attention is None:
             outputs.remove_attention()
         else:
@@ -531,6 +723,38 @@ class APFormerWidget(Container):
                 self._request_attention()  # a click during the run
         if not had_layers:
             self.viewer.layers.selection.active = layer  # keep the image selected
+
+    def _note_live_plane(self, outputs: OutputLayers, outcome: LiveOutcome) -> None:
+        """Record the slice a live run wrote into the segmentation volume; warn once when
+        it cuts across a finished volume run along another axis (saving would mix them)."""
+        request = outcome.request
+        seg = outputs.get("segmentation")
+        if seg is None or request.image.spatial_ndim != 3:
+            return
+        axis_name = _axis_name(request.image, request.axis)
+        if note_live_plane(seg.metadata, axis_name, request.index):
+            show_warning(f"APFormer: {mixed_planes_note(seg.metadata)}")
+
+    def _readout(self, outcome: LiveOutcome) -> str:
+        lines = live_readout(outcome)
+        seg = self._outputs_for(self.image_choice.value, outcome.request.image).get("segmentation")
+        note = mixed_planes_note(seg.metadata) if seg is not None else None
+        if note is not None and "mixes" in note:
+            lines.append(f"<i>{note}</i>")
+        return "<br>".join(lines)
+
+    def _show_distribution(self, *_: object) -> None:
+        """Under the threshold's slider: how the image's tokens spread over the probability
+        it is compared with (from the last run: the probability does not depend on it)."""
+        outcome, pair = self._last, self._distribution
+        if outcome is None or pair is None or pair[1].name not in outcome.maps.maps:
+            self.distribution.visible = False
+            return
+        setting, spec = pair
+        values = outcome.maps.over_image(spec)
+        threshold = float(self.setting_controls[setting.name].slider.value)
+        self._set_text(self.distribution, distribution_text(values, spec.label, threshold))
+        self.distribution.visible = True
 
     def _outputs_for(self, layer, image: ImageSource) -> OutputLayers:
         key = id(layer)
@@ -616,19 +840,26 @@ class APFormerWidget(Container):
         request = outcome.request
         maps = view.before if self.attention_before.value else view.after
         depth = min(int(self.attention_layer.value), maps.shape[0]) - 1
+        choices = list(self.attention_head.choices)
+        head = max(0, choices.index(self.attention_head.value)) if choices else 0
+        heads = maps[depth]
+        weights = heads.mean(axis=0) if head == 0 else heads[min(head, len(heads)) - 1]
         outputs = self._outputs_for(layer, request.image)
-        outputs.show_attention(
+        peak = outputs.show_attention(
             request.image,
             request.axis,
             request.index,
             outcome.maps.letterbox,
-            maps[depth],
+            weights,
             view.stride,
         )
         world = request.image.world_of_plane(request.axis, request.index, *view.query)
         outputs.show_query(request.image, world)
+        which = f"layer {depth + 1}, {self.attention_head.value}"
+        which += ", before pruning" if self.attention_before.value else ""
+        self._set_text(self.attention_legend, attention_legend(which, peak, weights.size))
         pruned_query = "<br>The query token is pruned: no attention."
-        self.readout.value = _readout(outcome) + ("" if maps[depth].any() else pruned_query)
+        self._set_text(self.readout, self._readout(outcome) + ("" if heads.any() else pruned_query))
 
     # ----------------------------------------------------------------------- volume runs
     def start_volume(self) -> None:
@@ -640,7 +871,7 @@ class APFormerWidget(Container):
             if image.spatial_ndim != 3:
                 raise InputError(f"'{image.name}' is a 2D image: Run on slice segments it")
         except InputError as error:
-            show_error(str(error))
+            show_error(message_of(error))
             return
         axis = self.slice_axis(image)
         layer = self.image_choice.value
@@ -658,6 +889,10 @@ class APFormerWidget(Container):
         self._volume_context = (layer, image, axis)
         self._volume_done = 0
         self.run_volume.enabled, self.cancel.enabled = False, True
+        self.volume_progress.max = max(1, image.spatial_shape[axis])
+        self.volume_progress.value = 0
+        self.volume_progress.label = "volume run"
+        self.volume_progress.visible = True
         _started_workers.add(worker)
         worker.start()
 
@@ -673,6 +908,7 @@ class APFormerWidget(Container):
         if done is None:
             self._volume_progress = progress(total=job.total, desc="APFormer volume")
             self._volume_notices = 0
+            self.volume_progress.max = max(1, job.total)
             return
         for notice in job.result.notices[self._volume_notices :]:
             show_warning(f"APFormer: {notice}")
@@ -692,8 +928,11 @@ class APFormerWidget(Container):
         if self._volume_progress is not None:
             self._volume_progress.update(done.done - self._volume_done)
         self._volume_done = done.done
-        stats = job.result.stats
-        self.readout.value = f"volume: {done.done} of {done.total} slices<br>{stats.summary()}"
+        self.volume_progress.value = done.done
+        self.volume_progress.label = f"{done.done} of {done.total} slices"
+        self._set_text(self.readout, "<br>".join(volume_readout(job.result, done.done, done.total)))
+        if done.done == done.total:
+            note_volume_run(seg.metadata, _axis_name(image, axis))
 
     def _on_volume_cancelled(self) -> None:
         if self._closed:
@@ -712,6 +951,7 @@ class APFormerWidget(Container):
         if self._closed:
             return
         self.cancel.enabled = False
+        self.volume_progress.visible = False
         try:
             self.run_volume.enabled = self.current_image().spatial_ndim == 3
         except InputError:
@@ -720,7 +960,7 @@ class APFormerWidget(Container):
     # ---------------------------------------------------------------------------- errors
     def _on_error(self, error: BaseException) -> None:
         if isinstance(error, InputError):
-            show_error(f"APFormer: {error}")
+            show_error(f"APFormer: {message_of(error)}")
         elif isinstance(error, MemoryError):
             show_error(
                 "APFormer: not enough memory for this run; close other layers or use a "
@@ -748,6 +988,7 @@ class APFormerWidget(Container):
         if self._on_mouse in self.viewer.mouse_drag_callbacks:
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
         self.viewer.dims.events.current_step.disconnect(self._on_dims_changed)
+        self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
 
 
 def _qt_alive(obj: object) -> bool:
@@ -793,14 +1034,166 @@ def _without_default(setting: Setting) -> tuple:
     return tuple(v for k, v in setting.__dict__.items() if k != "default")
 
 
-def _readout(outcome: LiveOutcome) -> str:
-    s = outcome.stats
-    counted = s.fractions_text()
-    return "<br>".join(
-        [
-            f"slice {outcome.request.index}",
-            *([counted] if counted else []),
-            f"{s.gflops:.1f} GFLOP spent (unpruned: {s.gflops_unpruned:.1f})",
-            f"{1000 * s.seconds:.0f} ms on {s.device}",
-        ]
+def setting_tooltip(setting: Setting) -> str:
+    """The setting's own explanation, with its range and the weights' value."""
+    default = setting.default
+    if isinstance(default, list | tuple):
+        shown = ", ".join(f"{v:g}" for v in default)
+    else:
+        shown = f"{default:g}"
+    low = "above" if setting.low_open else "from"
+    return (
+        f"{setting.help} Range: {low} {setting.low:g} to {setting.high:g}; these weights "
+        f"use {shown}."
     )
+
+
+def probability_pair(info: ModelInfo) -> tuple[Setting, MapSpec] | None:
+    """The setting whose slider gets the probability distribution under it, and the map:
+    the first single-valued setting on [0, 1] and the first probability map, if the model
+    declares both (for APFormer the token threshold and the background probability)."""
+    setting = next(
+        (s for s in info.settings if not s.per_layer and s.low >= 0.0 and s.high <= 1.0), None
+    )
+    spec = next((m for m in info.map_specs if m.kind == "probability"), None)
+    return (setting, spec) if setting is not None and spec is not None else None
+
+
+def distribution_text(values: np.ndarray, label: str, threshold: float) -> str:
+    """How `values` (one per token over the image) spread over [0, 1], and how many are
+    at or above `threshold` and above REFERENCE_THRESHOLD, as two lines."""
+    values = np.asarray(values, dtype=float).ravel()
+    count = max(1, values.size)
+    edges = (0.0, *PROBABILITY_BINS, np.inf)
+    shares = np.histogram(values, bins=edges)[0] / count
+    names = [
+        f"&lt;{PROBABILITY_BINS[0]:g}",
+        *(f"{a:g}&ndash;{b:g}" for a, b in itertools.pairwise(PROBABILITY_BINS)),
+        f"&ge;{PROBABILITY_BINS[-1]:g}",
+    ]
+    bins = " &middot; ".join(f"{n} {100 * v:.0f} %" for n, v in zip(names, shares, strict=True))
+    at = 100 * np.count_nonzero(values >= threshold) / count
+    reference = 100 * np.count_nonzero(values >= REFERENCE_THRESHOLD) / count
+    return (
+        f"{label} of the image's {values.size} tokens: {bins}<br>"
+        f"at or above the slider ({threshold:.2f}): {at:.1f} %; "
+        f"at or above {REFERENCE_THRESHOLD:g}: {reference:.1f} %"
+    )
+
+
+def attention_legend(which: str, peak: float, tokens: int) -> str:
+    """What the attention layer's values and colours mean (its colour bar is drawn at the
+    top right of the canvas)."""
+    if peak <= UNIFORM:
+        return (
+            f"Where the query point (cyan +) looks, {which}: nowhere more than evenly "
+            f"(peak {peak:.2f}&times; uniform)."
+        )
+    return (
+        f"Where the query point (cyan +) looks, {which}. Colour bar (top right) in "
+        f"multiples of uniform attention (1&times;: even over all {tokens} tokens): "
+        f"clear at 1&times; or less, yellow at this map's peak, {peak:.1f}&times;."
+    )
+
+
+def card_about(card: ModelCard) -> str:
+    """What the weights' card says they are for (their limits included)."""
+    if card.placeholder:
+        return "Random placeholder weights, not trained: their labels mean nothing."
+    if card.description:
+        return card.description
+    return (
+        "No description: weights without a model card. Class names are numbered and "
+        "nothing is known about what they were trained on."
+    )
+
+
+def message_of(error: BaseException) -> str:
+    """The problem first, the file or layer it concerns after it (a message cut short in a
+    notification still says what went wrong)."""
+    if isinstance(error, InputError) and error.source is not None:
+        return f"{error.problem} ({error.source})"
+    return str(error)
+
+
+def _axis_name(image: ImageSource, axis: int) -> str:
+    names = image.axis_names()
+    return names[axis].split(" (")[0] if names else "the image"
+
+
+def image_fractions(maps: SliceMaps) -> dict[str, float]:
+    """For each mask map: the share of the tokens over the image (not the letterbox's
+    padding) that are in the mask, by the map's label."""
+    return {
+        spec.label: float(np.mean(maps.over_image(spec)))
+        for spec in maps.specs
+        if spec.kind == "mask" and spec.name in maps.maps
+    }
+
+
+def counters_text(stats: RunStats, on_image: dict[str, float]) -> list[str]:
+    """One line per counter; a counter with a mask map of the same label is given over the
+    image's tokens, with the model's own figure (padding included) after it."""
+    lines = []
+    for name in stats.counters:
+        label = stats.labels.get(name, name)
+        whole = 100 * stats.fraction(name)
+        if label in on_image:
+            lines.append(
+                f"{label}: {100 * on_image[label]:.1f} % of the image's tokens "
+                f"({whole:.1f} % with the padding)"
+            )
+        else:
+            lines.append(f"{label}: {whole:.1f} %")
+    return lines
+
+
+def cost_lines(stats: RunStats) -> list[str]:
+    """What this run cost and what a full pass costs; the two differ for a rerun that takes
+    its encoder from the cache (and may prepare the cache for new settings)."""
+    if stats.encoder_cache_hits:
+        how = "a rerun, encoder from the cache"
+    else:
+        how = "nothing cached for this slice yet"
+    lines = [
+        f"this run: {stats.gflops:.1f} GFLOP, {1000 * stats.seconds:.0f} ms on "
+        f"{stats.device} ({how})"
+    ]
+    full = getattr(stats, "flops_full", None)  # a full pass at the run's settings
+    if full is not None:
+        lines.append(
+            f"a full pass at these settings: {full / 1e9 / max(1, stats.slices):.1f} GFLOP "
+            f"(unpruned: {stats.gflops_unpruned / max(1, stats.slices):.1f})"
+        )
+    else:
+        lines.append(
+            f"a full pass, unpruned: {stats.gflops_unpruned / max(1, stats.slices):.1f} GFLOP"
+        )
+    return lines
+
+
+def live_readout(outcome: LiveOutcome) -> list[str]:
+    return [
+        f"slice {outcome.request.index}",
+        *counters_text(outcome.stats, image_fractions(outcome.maps)),
+        *cost_lines(outcome.stats),
+    ]
+
+
+def volume_readout(result, done: int, total: int) -> list[str]:
+    """The read-out of a volume run after `done` of `total` slices (its maps are over the
+    slices in run order)."""
+    stats = result.stats
+    on_image = {}
+    for spec in result.map_specs:
+        if spec.kind == "mask":
+            cells = image_cells(result.letterbox, spec.stride)
+            on_image[spec.label] = float(np.mean(result.maps[spec.name][:done][:, cells]))
+    per_slice = stats.gflops / max(1, stats.slices)
+    return [
+        f"volume: {done} of {total} slices",
+        *counters_text(stats, on_image if done else {}),
+        f"{per_slice:.1f} GFLOP per slice (unpruned: "
+        f"{stats.gflops_unpruned / max(1, stats.slices):.1f}), {stats.ms_per_slice:.0f} ms per "
+        f"slice on {stats.device}",
+    ]
