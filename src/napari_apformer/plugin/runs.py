@@ -111,6 +111,13 @@ class Session:
                 self._segmenters[key] = Segmenter(load_model(settings.weights), settings.device)
             return self._segmenters[key]
 
+    def close(self) -> None:
+        """Let go of the model, its caches and the prepared images. Without the lock, so that
+        closing never waits for a batch; a run still going keeps what it holds until it ends."""
+        self._segmenters.clear()
+        self._prepared.clear()
+        self._last_live = None
+
     def describe(self, settings: Settings) -> ModelInfo:
         """Load the weights (kept for the runs that follow) and say what the model declares."""
         segmenter = self.segmenter(settings)

@@ -989,6 +989,7 @@ class APFormerWidget(Container):
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
         self.viewer.dims.events.current_step.disconnect(self._on_dims_changed)
         self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
+        self.session.close()  # the model and its caches: a closed viewer keeps no memory
 
 
 def _qt_alive(obj: object) -> bool:
@@ -1159,8 +1160,9 @@ def cost_lines(stats: RunStats) -> list[str]:
         f"this run: {stats.gflops:.1f} GFLOP, {1000 * stats.seconds:.0f} ms on "
         f"{stats.device} ({how})"
     ]
-    full = getattr(stats, "flops_full", None)  # a full pass at the run's settings
-    if full is not None:
+    # A full pass at the run's settings, once the engine reports it (0: not reported).
+    full = getattr(stats, "flops_full", 0)
+    if full:
         lines.append(
             f"a full pass at these settings: {full / 1e9 / max(1, stats.slices):.1f} GFLOP "
             f"(unpruned: {stats.gflops_unpruned / max(1, stats.slices):.1f})"
