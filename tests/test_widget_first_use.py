@@ -165,6 +165,8 @@ def test_cost_lines_separate_the_rerun_from_a_full_pass():
     lines = widget_module.cost_lines(stats)
     assert lines[0].startswith("this run: 10.0 GFLOP") and "encoder from the cache" in lines[0]
     assert lines[1] == "a full pass, unpruned: 21.0 GFLOP"
+    stats.flops_full = 0  # a family that does not report it
+    assert widget_module.cost_lines(stats)[1] == "a full pass, unpruned: 21.0 GFLOP"
     stats.flops_full = 14 * 10**9  # what the engine is asked to report (see docs)
     lines = widget_module.cost_lines(stats)
     assert lines[1] == "a full pass at these settings: 14.0 GFLOP (unpruned: 21.0)"
