@@ -60,6 +60,8 @@ def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model,
     third = segmenter.segment(prepared, slices=[0], token_threshold=0.7, gate=0.0, cache=True)
     kept_third = third.stats.counters["kept_tokens"][0]
     assert third.stats.flops == decoder_flops(model, kept_third, True)
+    # the cost of a plain pass at these settings, nothing cached, is reported beside it
+    assert third.stats.flops_full == encoder_flops(model) + decoder_flops(model, kept_third)
     fresh = Segmenter(official_model, device="cpu")
     expected = fresh.segment(
         fresh.prepare(volume, axis=0), slices=[0], token_threshold=0.6, gate=0.0

@@ -39,7 +39,6 @@ from napari_apformer.io.memory import available_bytes, size_text, working_bytes_
 from napari_apformer.model.base import (
     CachedSplit,
     MapSpec,
-    Prediction,
     QueryAttention,
     SegmentationModel,
     SettingValue,
@@ -389,7 +388,8 @@ class Segmenter:
             else:
                 out = self.model.predict(inputs, want_attention, **result.settings)
                 extra = [0] * len(batch)
-        flops = [int(f) + e for f, e in zip(_per_image_flops(out, len(batch)), extra, strict=True)]
+        flops = [int(f) + e for f, e in zip(_per_image(out.flops, len(batch)), extra, strict=True)]
+        full = _per_image(out.full_flops, len(batch)) if out.full_flops is not None else None
         flops[0] += spent
         logits = box.to_image(out.logits.float())
 
@@ -400,6 +400,7 @@ class Segmenter:
             batch=batch,
             hits=hits,
             flops=flops,
+            full_flops=full or list(flops),
             labels=to_host(logits.argmax(dim=1).to(_label_tensor_dtype(self.model.n_classes))),
             probabilities=(
                 to_host(torch.softmax(logits, dim=1)) if result.probabilities is not None else None
@@ -455,6 +456,7 @@ class Segmenter:
                 stats.add(name, int(pair[j, 0]), int(pair[j, 1]))
             stats.slices += 1
             stats.flops += launched.flops[j]
+            stats.flops_full += launched.full_flops[j]
             stats.flops_unpruned += reference
             stats.encoder_cache_hits += int(launched.hits[j])
         result.attention_states.update(launched.attention)
@@ -480,10 +482,10 @@ class Segmenter:
         )
 
 
-def _per_image_flops(out: Prediction, batch: int) -> list[int]:
-    if out.flops is None:
+def _per_image(values: torch.Tensor | None, batch: int) -> list[int]:
+    if values is None:
         return [0] * batch
-    return [int(f) for f in out.flops.tolist()]
+    return [int(f) for f in values.tolist()]
 
 
 def _label_tensor_dtype(n_classes: int) -> torch.dtype:
@@ -498,6 +500,7 @@ class _Launched:
     batch: list[int]
     hits: list[bool]
     flops: list[int]  # per slice: what this run spent on it
+    full_flops: list[int]  # per slice: a plain pass at these settings
     labels: torch.Tensor  # (B, H, W)
     probabilities: torch.Tensor | None  # (B, K, H, W)
     maps: dict[str, torch.Tensor]  # name -> (B, rows, cols)

@@ -14,7 +14,8 @@ class RunStats:
     slices: int = 0
     counters: dict[str, list[int]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
-    flops: int = 0
+    flops: int = 0  # what this run spent (cached work not counted again)
+    flops_full: int = 0  # a plain pass per slice at these settings, nothing cached
     flops_unpruned: int = 0  # a plain pass per slice: nothing pruned, nothing cached
     encoder_cache_hits: int = 0
     seconds: float = 0.0

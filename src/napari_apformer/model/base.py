@@ -118,14 +118,16 @@ class Prediction:
     """What one forward pass gives: logits and the named extras the model declares.
 
     maps: name -> (B, rows, cols) (see MapSpec); counters: name -> (B, 2) [count, out of];
-    flops: (B,) FLOPs this call spent per image; attention: per image, what
-    `QueryAttention.query_attention` needs (on request).
+    flops: (B,) FLOPs this call spent per image; full_flops: (B,) what a plain pass at these
+    settings would spend with nothing cached (None: the same as flops); attention: per image,
+    what `QueryAttention.query_attention` needs (on request).
     """
 
     logits: torch.Tensor
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     counters: dict[str, torch.Tensor] = field(default_factory=dict)
     flops: torch.Tensor | None = None
+    full_flops: torch.Tensor | None = None
     attention: list[Any] | None = None
 
 

@@ -329,7 +329,7 @@ class APFormer(SegmentationModel):
 
     def prediction(self, out: ModelOutput, want_attention: bool = False) -> Prediction:
         """The family interface's view of a forward pass."""
-        from napari_apformer.model.apformer.flops import decoder_flops
+        from napari_apformer.model.apformer.flops import decoder_flops, slice_flops
 
         batch = out.logits.shape[0]
         kept = out.keep.sum(dim=1)
@@ -339,6 +339,7 @@ class APFormer(SegmentationModel):
             [decoder_flops(self, int(k), out.first_layer_reused) for k in kept.tolist()],
             dtype=torch.int64,
         )
+        full = torch.tensor([slice_flops(self, int(k)) for k in kept.tolist()], dtype=torch.int64)
         grid = (batch, self.trans4.grid, self.trans4.grid)
         return Prediction(
             logits=out.logits,
@@ -354,6 +355,7 @@ class APFormer(SegmentationModel):
                 "kept_dependencies": torch.stack([out.kept_dependencies, possible], dim=1),
             },
             flops=flops,
+            full_flops=full,
             attention=(  # per image: each layer's normed input, then the keep mask
                 [[*(t.layer_input[j] for t in out.layers), out.keep[j]] for j in range(batch)]
                 if want_attention
