@@ -199,3 +199,27 @@ def test_sigkill_during_the_write_leaves_no_output_and_a_rerun_cleans_up(cohort,
     assert main(["predict", str(source), "-o", str(out)]) == 0
     assert nib.load(out / "s0_seg.nii.gz").shape == nib.load(source).shape
     assert sorted(p.name for p in out.iterdir()) == ["s0_seg.json", "s0_seg.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "text, ours",
+    [
+        ('{"generator": "napari-apformer 0.4", "labels": []}', True),
+        ('{"labels": [{"value": 0, "name": "background", "colour": "#000000"}]}', True),
+        ('{"RepetitionTime": 2.3, "TaskName": "rest"}', False),  # BIDS
+        ('{"generator": "another tool", "labels": []}', False),
+        ('{"labels": ["csf", "grey matter"]}', False),
+        ("[1, 2, 3]", False),
+        ("{not json", False),
+        ("[" * 100_000, False),
+    ],
+)
+def test_only_sidecars_apformer_wrote_count_as_ours(tmp_path, text, ours):
+    """What `apformer predict` may replace (with --overwrite) beside its labels."""
+    from napari_apformer.cohort import sidecar_blocker
+
+    (tmp_path / "scan.json").write_text(text)
+    blocker = sidecar_blocker(tmp_path / "scan.nii.gz")
+    assert (blocker is None) == ours
+    if not ours:
+        assert blocker.startswith(f"{tmp_path / 'scan.json'}: exists and was not written")

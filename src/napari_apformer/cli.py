@@ -8,6 +8,7 @@ as aliases of the settings of those names.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -27,7 +28,6 @@ from napari_apformer.io.files import (
     handle_signals,
     remove_stale_temporaries,
     replace_together,
-    same_file,
     stem_of,
 )
 from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
@@ -370,15 +370,29 @@ def output_path_for(source: Path, output: Path, single: bool) -> Path:
 
 def check_not_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
     """InputError if an output (labels, sidecar, statistics) is one of the input files, by
-    resolved path or by device and inode: --overwrite never writes onto an input."""
+    resolved path or by device and inode (hard and symbolic links): --overwrite never writes
+    onto an input."""
+    by_path: dict[Path, Path] = {}
+    by_inode: dict[tuple[int, int], Path] = {}
+    for source in inputs:
+        by_path.setdefault(source.resolve(), source)
+        with contextlib.suppress(OSError):
+            status = source.stat()
+            by_inode.setdefault((status.st_dev, status.st_ino), source)
     for output in outputs:
-        for source in inputs:
-            if same_file(output, source):
-                which = "" if str(output) == str(source) else f" (the same file as {source})"
-                raise InputError(
-                    f"{output} is an input of this run{which}; refusing to write onto an "
-                    "input: choose another output name or folder"
-                )
+        source = by_path.get(output.resolve())
+        if source is None:
+            try:
+                status = output.stat()
+            except OSError:
+                continue
+            source = by_inode.get((status.st_dev, status.st_ino))
+        if source is not None:
+            which = "" if str(output) == str(source) else f" (the same file as {source})"
+            raise InputError(
+                f"{output} is an input of this run{which}; refusing to write onto an "
+                "input: choose another output name or folder"
+            )
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -400,6 +414,8 @@ def run_predict(args: argparse.Namespace) -> int:
     check_not_inputs(every_input, [*written, *([table_path] if table_path else [])])
     segmenter = load_segmenter(args, args.batch_size)
     args.setting_values = settings_from_arguments(args, segmenter)  # once, not once per file
+    for folder in {o.parent for o in outputs}:  # what killed runs of this host left, not live
+        remove_stale_temporaries(folder)
     table = cohort.StatisticsTable(
         segmenter.card.class_names, [c.name for c in segmenter.model.counter_specs()]
     )
@@ -537,13 +553,10 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
         raise InputError(
             "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
         )
-    from napari_apformer.io.formats import class_table_path
 
     blocker = cohort.sidecar_blocker(target)
     if blocker:
         raise InputError(blocker)
-    for path in (target, class_table_path(target)):
-        remove_stale_temporaries(path)  # what a killed run of this host left; never live ones
     image_file = read_image_file(source)
     for note in image_file.notes:
         print(f"apformer: warning: {source}: {note}", file=sys.stderr)

@@ -128,14 +128,20 @@ def read_sidecar(labels_path: Path) -> tuple[dict | None, str]:
 
 
 def is_ours(table: Mapping | None) -> bool:
-    """Whether a sidecar was written by this program (older versions: a class table with the
-    weights' name)."""
+    """Whether a sidecar was written by this program: `apformer predict` names itself in
+    "generator"; the napari writer (and older versions) write a class table, a "labels" list
+    of entries with a value, a name and a colour, which is what the napari reader reads."""
     if not isinstance(table, Mapping):
         return False
     generator = table.get("generator")
     if isinstance(generator, str):
         return generator.startswith(GENERATOR)
-    return isinstance(table.get("labels"), list) and isinstance(table.get("weights"), str)
+    entries = table.get("labels")
+    return (
+        isinstance(entries, list)
+        and bool(entries)
+        and all(isinstance(e, Mapping) and {"value", "name", "colour"} <= set(e) for e in entries)
+    )
 
 
 def sidecar_blocker(labels_path: Path) -> str | None:

@@ -27,7 +27,10 @@ PART = ".part"
 NAME_MAX = 255  # bytes in a file name on the file systems we know (ext4, xfs, btrfs, NFS)
 FOREIGN_STALE_SECONDS = 24 * 3600  # another host's temporary file older than this is dead
 PID_DIGITS = 7  # Linux pids are below 2**22 (4194304): names of one length for one target
-_TAG = re.compile(rf"\.(?P<pid>\d{{{PID_DIGITS}}})-(?P<host>[0-9a-f]{{8}})\.[a-z0-9_]+")
+# .NAME.PID-HOST.RANDOM.part[.SUFFIX]: RANDOM is mkstemp's, 8 of [a-z0-9_]
+_TEMPORARY = re.compile(
+    rf"\..+\.(?P<pid>\d{{{PID_DIGITS}}})-(?P<host>[0-9a-f]{{8}})\.[a-z0-9_]{{8}}{re.escape(PART)}"
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -136,16 +139,10 @@ def make_temporary(path: Path) -> Path:
 _own: set[str] = set()  # temporary files this process is writing (see write_atomically)
 
 
-def temporary_owner(candidate: Path, path: Path) -> tuple[int, str] | None:
-    """(pid, host tag) of the process that made `candidate`, if it is a temporary file of
-    `path`; else None."""
-    head, suffix = temporary_parts(path)
-    name = candidate.name
-    if len(name) <= len(head) + len(suffix) or not (
-        name.startswith(head) and name.endswith(suffix)
-    ):
-        return None
-    match = _TAG.fullmatch(name[len(head) : len(name) - len(suffix)])
+def temporary_owner(candidate: Path) -> tuple[int, str] | None:
+    """(pid, host tag) of the process that made `candidate`, if it is named as the temporary
+    files here are; else None."""
+    match = _TEMPORARY.match(candidate.name)
     return (int(match["pid"]), match["host"]) if match else None
 
 
@@ -161,18 +158,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove temporary files of `path` that a killed process left: those of a process of
-    this host that no longer runs, and another host's older than FOREIGN_STALE_SECONDS.
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files in `folder` that a killed process left: those of a process
+    of this host that no longer runs, and another host's older than FOREIGN_STALE_SECONDS.
     A live process's temporary file is never touched. Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     host = _host_tag()
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(Path(folder).iterdir())
     except OSError:
         return removed
     for candidate in entries:
-        owner = temporary_owner(candidate, path)
+        owner = temporary_owner(candidate)
         if owner is None:
             continue
         if owner[1] == host:
@@ -183,7 +180,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
             except OSError:
                 continue
         if stale:
-            with suppress(FileNotFoundError):
+            with suppress(FileNotFoundError, IsADirectoryError):
                 candidate.unlink()
                 removed.append(candidate)
     return removed
