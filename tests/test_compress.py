@@ -430,3 +430,12 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
         args = parser.parse_args([*plain, *bad])
         with pytest.raises(InputError, match=message):
             args.run(args)
+
+
+def test_apformer_compress_is_a_command(capsys):
+    from napari_apformer.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["compress", "--help"])
+    assert stop.value.code == 0
+    assert "--target-params" in capsys.readouterr().out

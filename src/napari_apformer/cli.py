@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from napari_apformer import __version__, cohort
+from napari_apformer.compress.command import add_parser as add_compress_parser
 from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import (
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_sweep_parser(commands)
+    add_compress_parser(commands)
 
     info = commands.add_parser(
         "info",
