@@ -1,8 +1,11 @@
-"""napari reader: NIfTI, PNG, JPEG and TIFF through the package's own readers.
+"""napari reader: NIfTI, PNG, JPEG, TIFF, NRRD, MetaImage and DICOM series through the
+package's own readers.
 
-napari calls `get_reader(path)`; it returns a function for files we can open, else None.
-The function never raises: a file that turns out to be unreadable gives an error
-notification that names it and the problem, and no layer.
+napari calls `get_reader(path)`; it returns a function for files (or DICOM folders and
+DICOMDIRs) we can open, else None. The function never raises: a file that turns out to be
+unreadable gives an error notification with the problem first and the file after it, and
+no layer. A DICOM folder opens one layer per readable series; each series or file left out
+gets a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import numpy as np
 from napari_apformer.errors import InputError
 from napari_apformer.io.display import display_array, placement
 from napari_apformer.io.files import stem_of
-from napari_apformer.io.formats import is_readable_name, read_class_table, read_image_file
+from napari_apformer.io.formats import (
+    is_dicom_source,
+    is_readable_name,
+    read_class_table,
+    read_image_file,
+    source_stem,
+)
 from napari_apformer.io.image_file import ImageFile
 from napari_apformer.io.nifti import read_nifti
 from napari_apformer.plugin.layer_metadata import SourceInfo, class_colormap, class_features
@@ -27,7 +36,8 @@ LayerData = tuple[np.ndarray, dict, str]
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
     paths = [path] if isinstance(path, str) else list(path)
-    if not paths or not all(is_readable_name(Path(p)) for p in paths):
+    # Files by name; DICOM folders and DICOMDIRs by what they hold.
+    if not paths or not all(is_readable_name(Path(p)) or is_dicom_source(Path(p)) for p in paths):
         return None
     return read_layers
 
@@ -37,11 +47,14 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     layers = []
     for p in paths:
         try:
-            layers.append(layer_data(read_file(Path(p))))
+            if not is_readable_name(Path(p)) and is_dicom_source(Path(p)):
+                layers += dicom_layers(Path(p))
+            else:
+                layers.append(layer_data(read_file(Path(p))))
         except InputError as error:
-            _notify_error(f"{error}")
+            _notify_error(message_of(error))
         except MemoryError:
-            _notify_error(f"{p}: not enough memory to open this file")
+            _notify_error(f"not enough memory to open this file ({p})")
     # napari's "read, but no layers" value: the error above is the whole message
     return layers or [(None,)]
 
@@ -52,19 +65,32 @@ def read_file(path: Path) -> ImageFile:
     return read_image_file(path)
 
 
+def dicom_layers(path: Path) -> list[LayerData]:
+    """One layer per readable series of a DICOM folder or DICOMDIR, each named by
+    source_stem (folder, series number, description); a warning for each series or file
+    left out. InputError when the folder holds no DICOM image series."""
+    from napari_apformer.io.dicom import read_dicom_folder
+
+    folder = read_dicom_folder(path)
+    for line in folder.problems:
+        _notify_warning(line)
+    return [layer_data(image) for image in folder.images]
+
+
 def layer_data(image: ImageFile) -> LayerData:
     """(data, layer keyword arguments, layer type) for napari."""
     where = placement(image)
     for note in image.notes:
-        _notify_warning(f"{image.source}: {note}")
+        _notify_warning(f"{note} ({image.source})")
     if where.oblique:
         _notify_warning(
-            f"{image.source}: the voxel axes are oblique to the scanner axes; napari shows the "
-            "nearest axis-aligned placement. Exported labels keep the exact original geometry."
+            "the voxel axes are oblique to the scanner axes; napari shows the nearest "
+            "axis-aligned placement. Exported labels keep the exact original geometry "
+            f"({image.source})"
         )
     data = display_array(image)
     kwargs: dict = {
-        "name": stem_of(image.source),
+        "name": source_stem(image),
         "scale": where.scale,
         "translate": where.translate,
         "axis_labels": where.axis_labels,
@@ -77,8 +103,8 @@ def layer_data(image: ImageFile) -> LayerData:
         label_type = _label_type(data)
         if label_type is None:
             _notify_warning(
-                f"{image.source}: label values up to {float(data.max()):.3g} do not fit a label "
-                "layer (at most 2**32 - 1); opened as an image"
+                f"label values up to {float(data.max()):.3g} do not fit a label layer (at "
+                f"most 2**32 - 1); opened as an image ({image.source})"
             )
         else:
             _add_class_table(kwargs, image.source)
@@ -121,11 +147,18 @@ def _add_class_table(kwargs: dict, source: Path) -> None:
     try:
         table = read_class_table(source)
     except InputError as error:
-        _notify_warning(f"{error}; ignored, the labels open without class names")
+        where = f" ({error.source})" if error.source is not None else ""
+        _notify_warning(f"{error.problem}; ignored, the labels open without class names{where}")
         return
     if table:
         kwargs["features"] = class_features(table)
         kwargs["colormap"] = class_colormap(table)
+
+
+def message_of(error: InputError) -> str:
+    """The problem first, the file it concerns after it (a message cut short in a
+    notification still says what went wrong)."""
+    return f"{error.problem} ({error.source})" if error.source is not None else error.problem
 
 
 def _notify_error(message: str) -> None:
