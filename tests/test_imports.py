@@ -34,4 +34,4 @@ def test_manifest_is_valid_and_found():
     PluginManager.instance().discover()
     contributions = manifest.contributions
     assert {w.display_name for w in contributions.widgets} == {"APFormer"}
-    assert len(contributions.sample_data) == 3 and len(contributions.writers) == 3
+    assert len(contributions.sample_data) == 3 and len(contributions.writers) == 6
