@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_apformer.model.apformer.network import TOKENS
 from napari_apformer.model.apformer.attention import prune_dependencies, relative_position_tables
+from napari_apformer.model.apformer.network import TOKENS
 
 
 def reference_pruning(scores: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
