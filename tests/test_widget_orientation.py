@@ -86,7 +86,7 @@ def test_volume_run_saved_equals_apformer_predict(viewer, qtbot, tmp_path, axis)
     widget.start_volume()
     wait_idle(qtbot, widget)
     seg = viewer.layers[f"{image.name} segmentation"]
-    [saved, _] = seg.save(str(tmp_path / "widget" / "labels.nii.gz"), plugin=PLUGIN)
+    saved, *_ = seg.save(str(tmp_path / "widget" / "labels.nii.gz"), plugin=PLUGIN)  # + sidecars
     from_widget = read_labels(Path(saved))
     from_cli = predict(path, tmp_path / "cli", "--axis", AXES[axis])
     assert from_widget.shape == from_cli.shape == nib.load(path).shape
@@ -120,7 +120,7 @@ def test_one_slice_nifti_live_run_equals_apformer_predict(viewer, qtbot, tmp_pat
     widget = open_widget(viewer, qtbot)
     assert widget._last is not None
     seg = viewer.layers[f"{image.name} segmentation"]
-    [saved, _] = seg.save(str(tmp_path / "widget" / "labels.nii.gz"), plugin=PLUGIN)
+    saved, *_ = seg.save(str(tmp_path / "widget" / "labels.nii.gz"), plugin=PLUGIN)  # + sidecars
     from_cli = predict(path, tmp_path / "cli")
     assert len(np.unique(from_cli)) == 4
     assert np.array_equal(read_labels(Path(saved)), from_cli)
