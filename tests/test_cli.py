@@ -332,3 +332,17 @@ def test_internal_errors_are_one_line_unless_debugging(sample, tmp_path, capsys,
     assert "internal error (RuntimeError: boom)" in capsys.readouterr().err
     with pytest.raises(RuntimeError):
         main(["--debug", "predict", str(sample), "-o", str(tmp_path / "o")])
+
+
+def test_a_closed_pipe_is_not_an_internal_error():
+    """`apformer info | head -1`: the reader leaves early; no error line, no traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys; from napari_apformer.cli import main; sys.exit(main(['info']))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # before anything is written: the first write meets a closed pipe
+    _, errors = process.communicate(timeout=120)
+    assert b"internal error" not in errors and b"Traceback" not in errors

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = getattr(error, "report", None)
         print(f"apformer: {report or interruption(error)}", file=sys.stderr)
         return error.exit_code if isinstance(error, Interrupted) else 130
+    except BrokenPipeError:  # the reader went away (`apformer info | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as error:  # a bug: one line for the user, the traceback on request
         if args.debug:
             raise
