@@ -51,3 +51,20 @@ def official_weights(official_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "official-gray9.safetensors"
     save_weights(official_model, card, path)
     return path
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    """A napari viewer, closed when the test ends (make_napari_viewer needs napari)."""
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def notices(monkeypatch) -> list[str]:
+    """Every message the widget shows (errors, information, warnings)."""
+    from napari_apformer.plugin import widget as widget_module
+
+    shown: list[str] = []
+    for name in ("show_error", "show_info", "show_warning"):
+        monkeypatch.setattr(widget_module, name, shown.append)
+    return shown

@@ -21,39 +21,7 @@ from napari_apformer.model.apformer.attention import LayerSizes  # noqa: E402
 from napari_apformer.model.base import InputRule, Prediction, SegmentationModel  # noqa: E402
 from napari_apformer.plugin import widget as widget_module  # noqa: E402
 from napari_apformer.plugin.layers import MASK_ON  # noqa: E402
-
-PLUGIN = "napari-apformer"
-TIMEOUT_MS = 120_000
-
-
-@pytest.fixture
-def notices(monkeypatch):
-    shown = []
-    for name in ("show_error", "show_info", "show_warning"):
-        monkeypatch.setattr(widget_module, name, shown.append)
-    return shown
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-def open_widget(viewer, qtbot, weights: Path | None = None):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "APFormer")
-    if weights is not None:
-        widget.weights_file.value = weights
-        widget.weights_choice.value = widget_module.OTHER_WEIGHTS
-    wait_idle(qtbot, widget)
-    return widget
-
-
-def wait_idle(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
-
-
-def output(viewer, image, role):
-    return viewer.layers[f"{image.name} {role}"]
+from widget_helpers import PLUGIN, TIMEOUT_MS, open_widget, output, wait_idle  # noqa: E402
 
 
 def slider(widget, name, layer=None):

@@ -29,36 +29,8 @@ from napari_apformer.plugin.layers import (  # noqa: E402
     mask_table,
 )
 
-PLUGIN = "napari-apformer"
-TIMEOUT_MS = 120_000
 SAMPLES = Path(widget_module.__file__).parents[1] / "samples"
-
-
-@pytest.fixture
-def notices(monkeypatch):
-    shown = []
-    for name in ("show_error", "show_info", "show_warning"):
-        monkeypatch.setattr(widget_module, name, shown.append)
-    return shown
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-def open_widget(viewer, qtbot):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "APFormer")
-    wait_idle(qtbot, widget)
-    return widget
-
-
-def wait_idle(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
-
-
-def output(viewer, image, role):
-    return viewer.layers[f"{image.name} {role}"]
+from widget_helpers import PLUGIN, open_widget, output, wait_idle  # noqa: E402
 
 
 def shown(widget, control) -> bool:

@@ -20,26 +20,9 @@ pytestmark = pytest.mark.gui
 from napari_apformer import cli  # noqa: E402
 from napari_apformer.plugin import widget as widget_module  # noqa: E402
 
-PLUGIN = "napari-apformer"
-TIMEOUT_MS = 120_000
 SAMPLES = Path(widget_module.__file__).parents[1] / "samples"
 AXES = ("axial", "coronal", "sagittal")
-
-
-@pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-def open_widget(viewer, qtbot):
-    """With the shipped default weights, as `apformer predict` uses without --weights."""
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "APFormer")
-    wait_idle(qtbot, widget)
-    return widget
-
-
-def wait_idle(qtbot, widget) -> None:
-    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+from widget_helpers import PLUGIN, open_widget, wait_idle  # noqa: E402
 
 
 def predict(source: Path, out: Path, *options: str) -> np.ndarray:
