@@ -131,3 +131,10 @@ def test_shipped_default_weights_load_and_are_marked():
         "white matter",
     ]
     assert model.settings()[0].default == model.card.settings["token_threshold"]
+
+
+def test_a_sparse_tensor_is_refused_naming_the_source(official_state_dict):
+    state = dict(official_state_dict)
+    state["conv4.weight"] = state["conv4.weight"].to_sparse()
+    with pytest.raises(InputError, match=r"^state_dict: conv4.weight is not a plain CPU tensor"):
+        load_model(state)

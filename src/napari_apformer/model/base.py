@@ -301,8 +301,7 @@ def register_family(cls: type[SegmentationModel]) -> type[SegmentationModel]:
 
 def families() -> dict[str, type[SegmentationModel]]:
     """Every registered family by name (the shipped ones are registered on import)."""
-    import napari_apformer.model.apformer  # noqa: F401  (registers itself)
-    from napari_apformer.model import mobileutr  # noqa: F401  (registers itself)
+    from napari_apformer.model import apformer, mobileutr  # noqa: F401  (they register)
 
     return dict(_FAMILIES)
 

@@ -130,7 +130,9 @@ def model_from_state_dict(
         raise InputError(f"not {model.family} weights of these sizes: {detail.strip()}", source)
     for key, tensor in state.items():
         if tensor.layout != torch.strided or tensor.device.type != "cpu":
-            raise InputError(f"{key} is not a plain CPU tensor ({tensor.layout}, {tensor.device})")
+            raise InputError(
+                f"{key} is not a plain CPU tensor ({tensor.layout}, {tensor.device})", source
+            )
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise InputError(
                 f"wrong shape for {key}: {tuple(tensor.shape)}, expected "
