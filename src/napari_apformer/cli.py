@@ -1,4 +1,4 @@
-"""apformer predict | info: the command line, wired to the same engine as the widget.
+"""apformer predict | info | evaluate: the command line, wired to the same engine as the widget.
 
 Run-time settings come from what the weights' model family declares (`apformer info` lists
 them): `--set NAME=VALUE`, with the flags users already know (`--token-threshold`, `--gate`)
@@ -23,6 +23,7 @@ from napari_apformer import __version__, cohort
 from napari_apformer.compress.command import add_parser as add_compress_parser
 from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
+from napari_apformer.evaluate_command import add_evaluate_parser
 from napari_apformer.io.files import (
     Interrupted,
     compound_suffix,
@@ -31,12 +32,23 @@ from napari_apformer.io.files import (
     replace_together,
     stem_of,
 )
-from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name
+from napari_apformer.io.formats import READABLE_SUFFIXES
 from napari_apformer.io.geometry import SLICE_AXES
+from napari_apformer.predict_io import (
+    LABEL_STEM_SUFFIX,
+    OUTPUT_FORMATS,
+    OUTPUT_SUFFIXES,
+    Source,
+    check_output_format,
+    collect_sources,
+    output_path_for,
+    probabilities_path,
+    take_shard,
+)
 from napari_apformer.train.command import add_sweep_parser, add_train_parser
 
-OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".png", ".tif", ".tiff")
-LABEL_STEM_SUFFIX = "_seg"
+__all__ = ["LABEL_STEM_SUFFIX", "OUTPUT_SUFFIXES", "main"]
+PROBABILITY_TYPES = ("uint8", "uint16", "float32")  # io.nifti.PROBABILITY_TYPES
 # Flags users already know: each is `--set NAME=VALUE` for the setting NAME, and an error for
 # weights whose family has no setting of that name.
 SETTING_ALIASES = {"--token-threshold": "token_threshold", "--gate": "gate"}
@@ -127,14 +139,36 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         metavar="INPUT",
-        help=f"files ({', '.join(READABLE_SUFFIXES)}) or folders of them",
+        help=f"files ({', '.join(READABLE_SUFFIXES)}), folders of them, or DICOM folders "
+        "or DICOMDIRs (each volume series segmented separately)",
     )
     predict.add_argument(
         "-o",
         "--output",
         type=Path,
         required=True,
-        help="output folder, or a file name when there is one input file",
+        help="output folder, or a file name when there is one input (its suffix picks the "
+        "label format: .nii.gz, .nii, .seg.nrrd, .nrrd, .mha, .dcm (DICOM SEG), .png, .tif)",
+    )
+    predict.add_argument(
+        "--format",
+        dest="output_format",
+        choices=list(OUTPUT_FORMATS),
+        default=None,
+        help="label format of the outputs in a folder (default: the input's own; NIfTI "
+        "for DICOM); seg.nrrd carries 3D Slicer segment names and colours, dcm is DICOM SEG "
+        "(DICOM inputs only)",
+    )
+    predict.add_argument(
+        "--save-probabilities",
+        nargs="?",
+        const="uint8",
+        default=None,
+        choices=PROBABILITY_TYPES,
+        metavar="TYPE",
+        help="also write per-class probabilities, <name>_prob.nii.gz (4D NIfTI, classes on "
+        "the 4th axis, in the source geometry), stored as uint8 (default, step 1/255), uint16 "
+        "(step 1/65535) or float32; the scale slope in the header gives probabilities",
     )
     add_model_options(predict)
     add_setting_options(predict)
@@ -184,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_sweep_parser(commands)
     add_compress_parser(commands)
+    add_evaluate_parser(commands)
 
     info = commands.add_parser(
         "info",
@@ -339,40 +374,6 @@ def load_segmenter(args: argparse.Namespace, batch_size: int = 8):
     return segmenter
 
 
-def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            found = sorted(
-                p
-                for p in item.iterdir()
-                if p.is_file()
-                and is_readable_name(p)
-                and not p.name.startswith(".")
-                and not stem_of(p).endswith(LABEL_STEM_SUFFIX)
-            )
-            if not found:
-                raise InputError(f"no readable images ({', '.join(READABLE_SUFFIXES)})", item)
-            files += found
-        elif not item.exists():
-            raise InputError("file not found", item)
-        elif not is_readable_name(item):
-            raise InputError(
-                f"unsupported file type; expected {', '.join(READABLE_SUFFIXES)}", item
-            )
-        else:
-            files.append(item)
-    return files
-
-
-def output_path_for(source: Path, output: Path, single: bool) -> Path:
-    from napari_apformer.io.formats import label_suffix_for
-
-    if single and compound_suffix(output) in OUTPUT_SUFFIXES:
-        return output
-    return output / f"{stem_of(source)}{LABEL_STEM_SUFFIX}{label_suffix_for(source)}"
-
-
 def check_not_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
     """InputError if an output (labels, sidecar, statistics) is one of the input files, by
     resolved path or by device and inode (hard and symbolic links): --overwrite never writes
@@ -401,22 +402,28 @@ def check_not_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from napari_apformer.io.formats import class_table_path
-
     apply_threads(args.threads)
     check_device(args.device)
-    every_input = collect_inputs(args.inputs)
-    files = cohort.take_shard(every_input, args.shard)
+    found = collect_sources(args.inputs)
+    files = take_shard(found.sources, args.shard)
     single = len(files) == 1 and args.shard is None
-    outputs = [output_path_for(f, args.output, single) for f in files]
+    output_format = getattr(args, "output_format", None)
+    outputs = [output_path_for(f, args.output, single, output_format) for f in files]
     if len(set(outputs)) < len(outputs):
         raise InputError("two inputs would write the same output name; give them separate runs")
+    for source, target in zip(files, outputs, strict=True):
+        check_output_format(source, target)  # before the model loads: nothing is written
     many = args.shard is not None or len(args.inputs) > 1 or args.inputs[0].is_dir()
     table_path = args.stats or (
         cohort.default_table_path(args.output, args.shard) if many else None
     )
-    written = [*outputs, *(class_table_path(o) for o in outputs)]
-    check_not_inputs(every_input, [*written, *([table_path] if table_path else [])])
+    probabilities = getattr(args, "save_probabilities", None) is not None
+    written = [p for o in outputs for p in output_files(o, probabilities)]
+    check_not_inputs(found.files, [*written, *([table_path] if table_path else [])])
+    for what, why in found.left_out:
+        print(f"apformer: warning: {what}: left out: {why}", file=sys.stderr)
+    if not files:
+        raise InputError(f"nothing to segment ({len(found.left_out)} series or files left out)")
     segmenter = load_segmenter(args, args.batch_size)
     args.setting_values = settings_from_arguments(args, segmenter)  # once, not once per file
     for folder in {o.parent for o in outputs}:  # what killed runs of this host left, not live
@@ -424,6 +431,11 @@ def run_predict(args: argparse.Namespace) -> int:
     table = cohort.StatisticsTable(
         segmenter.card.class_names, [c.name for c in segmenter.model.counter_specs()]
     )
+    listed = 0  # series and files left out, in the table once (not by every shard)
+    if args.shard is None or args.shard[0] == 0:
+        for what, why in found.left_out:
+            table.add(what, "", cohort.SKIPPED, f"left out: {why}")
+            listed += 1
     internal = stats_failed = False
     log_lines = not sys.stderr.isatty()
     try:
@@ -468,9 +480,12 @@ def run_predict(args: argparse.Namespace) -> int:
                 )
     failed = table.count(cohort.FAILED)
     if len(files) > 1 or table_path is not None:
+        existed = table.count(cohort.SKIPPED) - listed
+        series = any(f.series is not None for f in files)
         print(
-            f"apformer: {table.count(cohort.DONE)} done, {table.count(cohort.SKIPPED)} skipped "
-            f"(existed), {failed} failed of {len(files)} files"
+            f"apformer: {table.count(cohort.DONE)} done, {existed} skipped (existed), "
+            + (f"{listed} left out, " if listed else "")
+            + f"{failed} failed of {len(files)} {'inputs' if series else 'files'}"
             + (f"; statistics in {table_path}" if table_path and not stats_failed else ""),
             file=sys.stderr,
         )
@@ -548,30 +563,46 @@ def failure_message(error: Exception, source: Path, target: Path) -> tuple[str, 
     )
 
 
-def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace) -> dict:
-    """Segment one file and write its labels and sidecar; returns its statistics."""
+def output_files(target: Path, probabilities: bool = False) -> list[Path]:
+    """Every file written for one input, in the order they are renamed into place: labels,
+    probabilities (on request), descriptions for other viewers (ITK-SNAP beside NIfTI), and
+    last the JSON sidecar that records the labels' SHA-256."""
+    from napari_apformer.io.formats import class_table_path, label_description_paths
+
+    return [
+        target,
+        *([probabilities_path(target)] if probabilities else []),
+        *label_description_paths(target),
+        class_table_path(target),
+    ]
+
+
+def predict_file(segmenter, source: Source | Path, target: Path, args: argparse.Namespace) -> dict:
+    """Segment one file or DICOM series and write its labels and sidecar (and probabilities
+    on request); returns its statistics."""
     from tqdm import tqdm
 
-    from napari_apformer.io.formats import read_image_file
-
-    if compound_suffix(target) == ".png" and compound_suffix(source) in (".nii", ".nii.gz"):
-        raise InputError(
-            "NIfTI labels must be written as .nii or .nii.gz to keep their geometry", target
-        )
-
+    if not isinstance(source, Source):
+        source = Source(Path(source), stem_of(Path(source)))
+    check_output_format(source, target)
     blocker = cohort.sidecar_blocker(target)
     if blocker:
         raise InputError(blocker)
-    image_file = read_image_file(source)
+    image_file = source.read()
     for note in image_file.notes:
         print(f"apformer: warning: {source}: {note}", file=sys.stderr)
     axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
     image = segmenter.prepare(
-        image_file.data, rgb=image_file.rgb, axis=axis, spacing=image_file.spacing, source=source
+        image_file.data,
+        rgb=image_file.rgb,
+        axis=axis,
+        spacing=image_file.spacing,
+        source=str(source),
     )
     if image.is_volume and compound_suffix(target) == ".png":
         raise InputError("PNG holds 2D labels only; write volumes as .tif or .nii.gz", target)
-    job = segmenter.start(image, **args.setting_values)
+    stored = getattr(args, "save_probabilities", None)
+    job = segmenter.start(image, probabilities=stored is not None, **args.setting_values)
     progress_bar = tqdm(  # disable=None: only on a terminal
         total=job.total, desc=source.name, unit="slice", leave=False, file=sys.stderr, disable=None
     )
@@ -586,38 +617,86 @@ def predict_file(segmenter, source: Path, target: Path, args: argparse.Namespace
         print(f"apformer: warning: {source}: {notice}", file=sys.stderr)
     voxel = cohort.voxel_volume_mm3(image_file.spacing, image_file.nifti is not None)
     statistics = cohort.statistics_of(result, segmenter.card.class_names, voxel)
-    write_outputs(target, result.labels, image_file, class_table(segmenter, result), statistics)
+    table = class_table(segmenter, result)
+    if source.series is not None:
+        table["source_series"] = series_record(source.series)
+    probabilities = (result.probabilities, stored) if stored is not None else None
+    write_outputs(target, result.labels, image_file, table, statistics, probabilities)
     print(f"{target}: {result.stats.summary()}")
     return statistics
 
 
-def write_outputs(target: Path, labels, image_file, table: dict, statistics: dict) -> None:
-    """Labels and their sidecar, written to temporary names and renamed into place labels
-    first, then the sidecar (which records the labels' SHA-256), with SIGINT/SIGTERM held back
-    in between: an interrupted run leaves both or neither, and a rerun that finds labels whose
-    sidecar does not match them (a SIGKILL between the renames) says so."""
+def series_record(series) -> dict:
+    """What the sidecar records of a DICOM source series."""
+    return {
+        "series_instance_uid": series.uid,
+        "study_instance_uid": series.study_uid,
+        "series_number": series.number,
+        "series_description": series.description,
+        "modality": series.modality,
+        "slices": series.slices,
+    }
+
+
+def write_outputs(
+    target: Path,
+    labels,
+    image_file,
+    table: dict,
+    statistics: dict,
+    probabilities: tuple | None = None,
+) -> None:
+    """Labels (in the format of `target`'s suffix: NIfTI, NRRD with 3D Slicer's segment
+    fields, MetaImage, DICOM SEG, PNG, TIFF), probabilities (`(array, stored type)`, on
+    request), the ITK-SNAP label description beside NIfTI labels, and the sidecar, written to
+    temporary names and renamed into place in that order, the sidecar (which records the
+    labels' SHA-256) last, with SIGINT/SIGTERM held back in between: an interrupted run leaves
+    all or none, and a rerun that finds labels whose sidecar does not match them (a SIGKILL
+    between the renames) says so."""
     import json
 
-    from napari_apformer.io.formats import class_table_path, write_labels
+    from napari_apformer.io.formats import write_labels
+    from napari_apformer.io.label_files import write_dicom_seg, write_itksnap_labels
+    from napari_apformer.io.nifti import write_nifti_probabilities
+
+    paths = output_files(target, probabilities is not None)
+    classes = table["labels"]
 
     def write(temporaries: list[Path]) -> None:
-        labels_tmp, sidecar_tmp = temporaries
-        write_labels(labels_tmp, labels, image_file)
+        labels_tmp, *others, sidecar_tmp = temporaries
+        if compound_suffix(target) == ".dcm":
+            write_dicom_seg(labels_tmp, labels, image_file.nifti, classes, image_file.source)
+        else:
+            write_labels(labels_tmp, labels, image_file, classes)
+        record = dict(table)
+        if probabilities is not None:
+            values, stored = probabilities
+            write_nifti_probabilities(
+                others.pop(0), values, image_file.nifti, image_file.spacing, stored
+            )
+            record["probabilities_file"] = {
+                "name": paths[1].name,
+                "stored_as": stored,
+                "classes_axis": 4,
+                "classes": [c["name"] for c in classes],
+            }
+        for description_tmp in others:
+            write_itksnap_labels(description_tmp, classes, labels)
         sidecar = {
-            **table,
+            **record,
             "labels_file": {"name": target.name, **cohort.labels_record(labels_tmp)},
             "statistics": statistics,
         }
         sidecar_tmp.write_text(json.dumps(finite_json(sidecar), indent=2) + "\n", "utf-8")
 
-    replace_together([target, class_table_path(target)], write)
+    replace_together(paths, write)
 
 
 class ProgressLines:
     """Progress as plain lines on stderr when it is not a terminal: at most one per
     PROGRESS_SECONDS, never for a file done sooner."""
 
-    def __init__(self, source: Path, total: int) -> None:
+    def __init__(self, source: Source | Path, total: int) -> None:
         self.source, self.total = source, total
         self.last = time.monotonic()
 
@@ -656,7 +735,7 @@ def finite_json(value: object) -> object:
     return value
 
 
-def slice_axis(axis: str, is_nifti: bool, source: Path) -> int:
+def slice_axis(axis: str, is_nifti: bool, source: object) -> int:
     if axis in SLICE_AXES:
         return SLICE_AXES[axis] if is_nifti else 0
     if axis in ("0", "1", "2"):

@@ -258,3 +258,55 @@ def _check_payload(path: Path, image: nib.Nifti1Image) -> None:
     slope, inter = (getattr(image.dataobj, name, None) for name in ("slope", "inter"))
     scaled = slope not in (None, 1.0) or inter not in (None, 0.0)  # nibabel gives float64
     require_memory(claimed + (8 * voxels if scaled else 0), path)
+
+
+# Per-class probabilities: stored type -> the scale slope that turns stored values back into
+# probabilities (NIfTI has no float16; uint16 is as small and has a finer step on [0, 1]).
+PROBABILITY_TYPES = {"uint8": 1 / 255, "uint16": 1 / 65535, "float32": 1.0}
+
+
+def write_nifti_probabilities(
+    path: Path,
+    probabilities: np.ndarray,
+    geometry: NiftiGeometry | None,
+    spacing: tuple[float, ...] | None = None,
+    stored: str = "uint8",
+) -> None:
+    """Per-class probabilities (K, *spatial shape of the image, RAS order for a volume) as one
+    4D NIfTI, classes along the 4th axis, in the source's voxel order and geometry as
+    write_nifti_labels places labels. uint8/uint16 store round(p * 255 or 65535) with the
+    header's scale slope set to 1/255 or 1/65535, so NIfTI readers that apply it (nibabel's
+    get_fdata, ITK, 3D Slicer, FSL) read probabilities."""
+    if stored not in PROBABILITY_TYPES:
+        raise InputError(f"probabilities are stored as {', '.join(PROBABILITY_TYPES)}", path)
+    slope = PROBABILITY_TYPES[stored]
+    if geometry is not None:
+        placed = [
+            geometry.reorientation.from_canonical(p).reshape(geometry.source_shape)
+            for p in probabilities
+        ]
+        header, affine = geometry.header.copy(), geometry.affine
+    else:  # (Y, X) or (Z, Y, X) as napari shows it, reversed as write_nifti_labels does
+        ndim = probabilities.ndim - 1
+        placed = [p.T.reshape(p.shape[::-1] + (1,) * (3 - ndim)) for p in probabilities]
+        steps = [*(spacing or (1.0,) * ndim)][::-1] + [1.0] * (3 - ndim)
+        header, affine = None, np.diag([*steps, 1.0])
+    voxels = np.stack(placed, axis=-1).astype(np.float32)
+    if stored != "float32":
+        voxels = np.rint(np.clip(voxels, 0.0, 1.0) / slope).astype(stored)
+    out = nib.Nifti1Image(np.ascontiguousarray(voxels), affine, header)
+    out.set_data_dtype(np.dtype(stored))
+    out.header.set_slope_inter(slope, 0.0)
+    out.header.set_intent(0)
+    out.header["cal_min"], out.header["cal_max"] = 0.0, 1.0
+    out.header["descrip"] = b"class probabilities, classes on axis 4"
+    zooms = list(out.header.get_zooms())
+    out.header.set_zooms((*zooms[:3], 1.0))
+    out.header.set_xyzt_units(xyz="mm", t="unknown")
+    if geometry is not None:
+        for name in ("sform", "qform"):
+            transform, _ = _transform(geometry.header, name)
+            code = int(geometry.header[f"{name}_code"]) if transform is not None else 0
+            kept = geometry.affine if transform is None else transform
+            getattr(out, f"set_{name}")(kept, code)
+    write_atomically(path, lambda tmp: nib.save(out, str(tmp)))
