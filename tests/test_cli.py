@@ -205,6 +205,7 @@ def test_folder_with_a_bad_file_reports_it_and_does_the_rest(tmp_path, sample, c
     out = tmp_path / "out"
     assert main(["predict", str(folder), "-o", str(out), "--batch-size", "1"]) == 1
     assert sorted(p.name for p in out.iterdir()) == [
+        "a_seg.itksnap.txt",
         "a_seg.json",
         "a_seg.nii.gz",
         "apformer-stats.csv",

@@ -269,7 +269,11 @@ def test_an_interrupted_overwrite_keeps_the_old_pair(tmp_path, toy, monkeypatch,
     assert "is unchanged" in err and "0 of 1 files were done before it" in err
     assert (out / "s0_seg.nii.gz").read_bytes() == labels
     assert (out / "s0_seg.json").read_text() == sidecar
-    assert sorted(p.name for p in out.iterdir()) == ["s0_seg.json", "s0_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "s0_seg.itksnap.txt",
+        "s0_seg.json",
+        "s0_seg.nii.gz",
+    ]
     assert main(args) == 0
     assert "exists, skipped (--overwrite replaces it)" in capsys.readouterr().err
 

@@ -198,7 +198,11 @@ def test_sigkill_during_the_write_leaves_no_output_and_a_rerun_cleans_up(cohort,
     assert not (out / "s0_seg.nii.gz").exists()
     assert main(["predict", str(source), "-o", str(out)]) == 0
     assert nib.load(out / "s0_seg.nii.gz").shape == nib.load(source).shape
-    assert sorted(p.name for p in out.iterdir()) == ["s0_seg.json", "s0_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "s0_seg.itksnap.txt",
+        "s0_seg.json",
+        "s0_seg.nii.gz",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from widget_helpers import PLUGIN, open_widget, wait_idle  # noqa: E402
 
 def predict(source: Path, out: Path, *options: str) -> np.ndarray:
     assert cli.main(["predict", str(source), "-o", str(out), *options]) == 0
-    [written] = [p for p in out.iterdir() if p.suffix != ".json"]
+    [written] = [p for p in out.iterdir() if p.suffix not in (".json", ".txt")]
     return read_labels(written)
 
 
