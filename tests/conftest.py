@@ -53,6 +53,22 @@ def official_weights(official_model, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def small_apformer_weights(tmp_path_factory) -> Path:
+    """An APFormer with today's CNN and one narrow head per layer (3 classes): training
+    tests start from it with --init, so a training step needs a few hundred MB, not GBs."""
+    from napari_apformer.model import ModelCard, save_weights
+    from napari_apformer.model.apformer.network import APFormer
+
+    layer = {"heads": 1, "dim_head": 16, "mlp": 32, "scale": 16**-0.5}
+    sizes = {"input_size": 256, "widths": [16, 32, 64, 128], "layers": [layer] * 4}
+    torch.manual_seed(0)
+    model = APFormer.from_sizes(1, 3, "default", sizes)
+    path = tmp_path_factory.mktemp("small") / "small-apformer.safetensors"
+    save_weights(model, ModelCard.generic("small-apformer", 1, 3), path)
+    return path
+
+
 @pytest.fixture
 def viewer(make_napari_viewer):
     """A napari viewer, closed when the test ends (make_napari_viewer needs napari)."""

@@ -58,11 +58,13 @@ def run_cli(*args):
     return main(["train", *map(str, args), "--no-progress", "--threads", "2"])
 
 
-def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys):
+def test_a_few_steps_write_weights_card_log_and_plot_and_resume(
+    tmp_path, capsys, small_apformer_weights
+):
     data = tiny_folder(tmp_path / "data")
     out = tmp_path / "w" / "tiny"
     common = ["--images", data, "-o", out, "--steps-per-epoch", 1, "--batch-size", 2]
-    classes = ["--classes", "background,core,rim"]
+    classes = ["--classes", "background,core,rim", "--init", small_apformer_weights]
     assert run_cli(*common, "--epochs", 1, *classes, "--set", "token_threshold=0.8") == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert [c["name"] for c in card["classes"]] == ["background", "core", "rim"]
@@ -74,6 +76,7 @@ def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys
     assert not card["placeholder"] and card["card_version"] == 2
     assert card["architecture"]["family"] == "apformer"
     assert card["architecture"]["sizes"]["widths"] == [16, 32, 64, 128]
+    assert [layer["heads"] for layer in card["architecture"]["sizes"]["layers"]] == [1] * 4
     assert card["settings"] == {"token_threshold": 0.8, "gate": [-2.0] * 4}
     model = load_model(out.with_suffix(".safetensors"))  # SHA-256 checked
     assert model.n_classes == 3 and model.defaults() == card["settings"]
@@ -119,10 +122,11 @@ def test_a_few_steps_write_weights_card_log_and_plot_and_resume(tmp_path, capsys
     assert "token_threshold must be in (0, 1], got nan" in capsys.readouterr().err
 
 
-def test_weight_average_is_saved_and_resumed(tmp_path):
+def test_weight_average_is_saved_and_resumed(tmp_path, small_apformer_weights):
     data = tiny_folder(tmp_path / "data")
     out = tmp_path / "w" / "ema"
     common = ["--images", data, "-o", out, "--steps-per-epoch", 2, "--batch-size", 2]
+    common += ["--init", small_apformer_weights]
     assert run_cli(*common, "--epochs", 1, "--ema", 0.5) == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["metrics"]["batch_norm_statistics"].startswith("re-estimated on all 3 clean")
@@ -503,3 +507,25 @@ def test_a_kill_while_saving_weights_never_loses_the_old_pair(
         [previous] = tmp_path.glob(".toy.previous-*.safetensors")
         kept = weights(previous)
     assert torch.equal(kept, old.first.weight.detach())
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_training_gives_its_peak_memory_back_when_it_ends():
+    from napari_apformer.train.allocator import freed_memory_kept
+
+    size = 400 * 2**20
+    with freed_memory_kept() as kept:
+        if not kept:
+            pytest.skip("not glibc")
+        before = resident_bytes()
+        block = np.ones(size, np.uint8)
+        del block
+        held = resident_bytes() - before  # freed, but kept by the process
+    after = resident_bytes() - before
+    assert held > size // 2  # kept while training
+    assert after < size // 4  # handed back afterwards

@@ -135,6 +135,14 @@ def assignments(texts: list[str], flag: str, kind: type) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`apformer compress`; freed memory stays in the process during the run only."""
+    from napari_apformer.train.allocator import freed_memory_kept
+
+    with freed_memory_kept():
+        return _compress(args)
+
+
+def _compress(args: argparse.Namespace) -> int:
     import torch
 
     from napari_apformer.compress.budget import DEFAULT_KEEP, Budget, check_reachable
@@ -142,11 +150,9 @@ def run(args: argparse.Namespace) -> int:
     from napari_apformer.compress.pipeline import CompressConfig, FinetuneConfig, compress
     from napari_apformer.compress.search import SearchConfig, searched_dimensions
     from napari_apformer.model.checkpoint import load_model, sha256_of
-    from napari_apformer.train.allocator import keep_freed_memory
     from napari_apformer.train.command import load_data
     from napari_apformer.weights import resolve_weights
 
-    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.search_steps < 0 or args.finetune_steps < 0:

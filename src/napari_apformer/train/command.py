@@ -265,11 +265,18 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """`apformer train`; freed memory stays in the process during the run only."""
+    from napari_apformer.train.allocator import freed_memory_kept
+
+    with freed_memory_kept():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from napari_apformer.cli import apply_threads, check_device, given_settings
     from napari_apformer.model.card import DEFAULT_COLOURS, ClassInfo, ModelCard, Normalisation
-    from napari_apformer.train.allocator import keep_freed_memory
     from napari_apformer.train.loop import TrainConfig, train
 
     check_train_arguments(args)
@@ -278,7 +285,6 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         check_resume_file(args.resume)
     apply_threads(args.threads)
-    keep_freed_memory()
     normalisation = Normalisation()
     started = time.perf_counter()
     given = given_settings(args)
@@ -461,6 +467,12 @@ def _family_and_rule(args: argparse.Namespace, given: dict):
                 "fine-tuning keeps the classes of the weights it starts from",
                 args.init,
             )
+    elif args.resume is not None and (
+        recorded := check_resume_file(args.resume).get("architecture")
+    ):
+        family = args.family or recorded["family"]
+        sizes = recorded.get("sizes") if family == recorded["family"] else None
+        model = build_model(family, 1, 2, args.variant or recorded.get("variant"), sizes)
     else:
         model = build_model(args.family or DEFAULT_FAMILY, 1, 2, args.variant)
     if not isinstance(model, Trainable):

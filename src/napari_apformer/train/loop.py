@@ -182,6 +182,9 @@ def train(train_set: SliceSet, val_set: SliceSet, config: TrainConfig) -> TrainS
     check_data(train_set, val_set, card.n_classes)
     dist = Distributed(config.device)
     torch.manual_seed(config.seed)
+    recorded = (state_for_resume or {}).get("architecture")
+    if recorded and config.init is None and "sizes" not in card.architecture:
+        card.architecture = {**recorded, **card.architecture}  # resume the run's own sizes
     model = build_training_model(card, config.init)
     set_learnable = getattr(model, "set_learnable_gates", None)
     if config.learnable_gates:
@@ -506,6 +509,7 @@ def _save_state(
     average: WeightAverage | None,
 ) -> None:
     state = {
+        "architecture": model.architecture(),  # a run started from --init resumes without it
         "model": model.state_dict(),
         **({"average": average.model.state_dict()} if average is not None else {}),
         "optimizer": optimizer.state_dict(),
