@@ -2,7 +2,6 @@
 small synthetic scan for every family with training losses, the card, refusals of bad input
 with nothing written, cancel and interruption (not for quality)."""
 
-import argparse
 import json
 
 import nibabel as nib
@@ -21,7 +20,7 @@ from napari_apformer.train.finetune import (
     check_corrections,
     finetune,
 )
-from napari_apformer.train.finetune_command import add_finetune_parser, parse_slices
+from napari_apformer.train.finetune_command import parse_slices
 from test_families import SMALL
 
 SHAPE = (40, 44, 8)  # RAS: 40 x 44 axial slices (axis 2), 8 of them
@@ -82,23 +81,6 @@ def scan(tmp_path):
     nib.save(nib.Nifti1Image(synthetic_image(labels), AFFINE), image_path)
     nib.save(nib.Nifti1Image(labels, AFFINE), labels_path)
     return image_path, labels_path
-
-
-_build_parser = cli.build_parser
-
-
-@pytest.fixture(autouse=True)
-def finetune_command(monkeypatch):
-    """`apformer finetune` in cli.main, whether or not cli.build_parser registers it yet."""
-
-    def build_parser() -> argparse.ArgumentParser:
-        parser = _build_parser()
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "finetune" not in commands.choices:
-            add_finetune_parser(commands)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_parser)
 
 
 def apformer_finetune(weights, image, labels, slices, out, *more) -> int:

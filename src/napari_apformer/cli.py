@@ -46,6 +46,7 @@ from napari_apformer.predict_io import (
     take_shard,
 )
 from napari_apformer.train.command import add_sweep_parser, add_train_parser
+from napari_apformer.train.finetune_command import add_finetune_parser
 
 __all__ = ["LABEL_STEM_SUFFIX", "OUTPUT_SUFFIXES", "main"]
 PROBABILITY_TYPES = ("uint8", "uint16", "float32")  # io.nifti.PROBABILITY_TYPES
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_sweep_parser(commands)
+    add_finetune_parser(commands)
     add_compress_parser(commands)
     add_evaluate_parser(commands)
 
