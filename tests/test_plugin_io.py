@@ -2,6 +2,7 @@
 the source voxels (no display needed)."""
 
 import json
+from pathlib import Path
 
 import imageio.v3 as iio
 import nibabel as nib
@@ -84,6 +85,20 @@ def test_labels_of_the_wrong_shape_are_refused(tmp_path, notices):
             str(tmp_path / "x.nii.gz"), np.zeros(layer.shape[::-1], np.uint8), kwargs
         )
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("writer", ["write_nifti", "write_png"])
+def test_a_sidecar_apformer_did_not_write_is_never_replaced(tmp_path, writer):
+    bids = tmp_path / "seg.json"
+    bids.write_text('{"RepetitionTime": 2.0}')
+    features = {"index": [0, 1], "class": ["background", "lesion"]}
+    labels = np.zeros((12, 9), np.uint8)
+    with pytest.raises(InputError, match="not written by apformer"):
+        getattr(_writer, writer)(str(tmp_path / "seg"), labels, {"features": features})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.json"]  # nothing written
+    assert bids.read_text() == '{"RepetitionTime": 2.0}'
+    [written, *_] = getattr(_writer, writer)(str(tmp_path / "seg"), labels, {})  # no table
+    assert Path(written).is_file() and bids.read_text() == '{"RepetitionTime": 2.0}'
 
 
 def test_labels_without_a_nifti_source_round_trip_through_our_reader(tmp_path, notices):

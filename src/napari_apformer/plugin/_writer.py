@@ -27,7 +27,7 @@ from napari_apformer.plugin.layer_metadata import SourceInfo, class_table_of, mi
 
 def write_nifti(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     target = _with_suffix(Path(path), (".nii.gz", ".nii"), ".nii.gz")
-    labels = _checked_labels(data, target)
+    labels = _checked_labels(data, target, attributes)
     _warn_mixed_planes(attributes, target)
     source = SourceInfo.of(attributes.get("metadata"))
     if source is not None and source.nifti is not None:
@@ -48,7 +48,7 @@ def write_nrrd(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     from napari_apformer.io.label_files import write_seg_nrrd
 
     target = _with_suffix(Path(path), (".seg.nrrd", ".nrrd"), ".seg.nrrd")
-    labels = _checked_labels(data, target)
+    labels = _checked_labels(data, target, attributes)
     _warn_mixed_planes(attributes, target)
     source = _geometry_source(attributes, target, "NRRD")
     table = _class_table(attributes)
@@ -61,7 +61,7 @@ def write_mha(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     from napari_apformer.io.itk_image import write_itk_labels
 
     target = _with_suffix(Path(path), (".mha",), ".mha")
-    labels = _checked_labels(data, target)
+    labels = _checked_labels(data, target, attributes)
     _warn_mixed_planes(attributes, target)
     source = _geometry_source(attributes, target, "MetaImage")
     write_itk_labels(target, _canonical_labels(labels, source, target), source.nifti)
@@ -73,7 +73,7 @@ def write_dicom_seg(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     from napari_apformer.io.label_files import write_dicom_seg as write_seg
 
     target = _with_suffix(Path(path), (".dcm",), ".dcm")
-    labels = _checked_labels(data, target)
+    labels = _checked_labels(data, target, attributes)
     _warn_mixed_planes(attributes, target)
     source = SourceInfo.of(attributes.get("metadata"))
     if source is None or source.nifti is None:
@@ -90,13 +90,13 @@ def write_dicom_seg(path: str, data: np.ndarray, attributes: dict) -> list[str]:
 
 def write_png(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     target = _with_suffix(Path(path), (".png",), ".png")
-    write_image_labels(target, _checked_labels(data, target))
+    write_image_labels(target, _checked_labels(data, target, attributes))
     return [str(target), *_write_classes(target, _class_table(attributes))]
 
 
 def write_tiff(path: str, data: np.ndarray, attributes: dict) -> list[str]:
     target = _with_suffix(Path(path), (".tif", ".tiff"), ".tif")
-    labels = _checked_labels(data, target)
+    labels = _checked_labels(data, target, attributes)
     _warn_mixed_planes(attributes, target)
     write_image_labels(target, labels)
     return [str(target), *_write_classes(target, _class_table(attributes))]
@@ -136,7 +136,14 @@ def _warn_mixed_planes(attributes: dict, target: Path) -> None:
         show_warning(f"{note} ({target})")
 
 
-def _checked_labels(data: np.ndarray, target: Path) -> np.ndarray:
+def _checked_labels(data: np.ndarray, target: Path, attributes: dict) -> np.ndarray:
+    """The labels to write; InputError, before anything is written, for values no label
+    file holds or a sidecar path taken by a file apformer did not write (a BIDS sidecar)."""
+    from napari_apformer.cohort import sidecar_blocker
+
+    blocker = sidecar_blocker(target) if _class_table(attributes) else None
+    if blocker:
+        raise InputError(blocker)
     labels = np.asarray(data)
     if not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
         raise InputError("labels must be non-negative integers", target)
