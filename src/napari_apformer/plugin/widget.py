@@ -47,6 +47,7 @@ from napari_apformer.engine.stats import RunStats
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import MapSpec, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
+from napari_apformer.plugin.adapt import AdaptPanel
 from napari_apformer.plugin.image_source import ImageSource, image_source
 from napari_apformer.plugin.layer_metadata import (
     SourceInfo,
@@ -70,7 +71,7 @@ from napari_apformer.plugin.runs import (
     Session,
     Settings,
 )
-from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
+from napari_apformer.weights import DEFAULT_WEIGHTS, available_weights, shipped_weights
 
 OTHER_WEIGHTS = "other file..."
 MEAN_OF_HEADS = "mean of the heads"
@@ -176,6 +177,8 @@ class APFormerWidget(Container):
         self._query_world: tuple[float, ...] | None = None
         self._slice_key: tuple | None = None
         self._build_controls()
+        self.adapt = AdaptPanel(self, _started_workers)  # the "Adapt to this scan" section
+        self.extend(self.adapt.widgets)
         # A child of the widget: Qt deletes it with the widget, never before it at exit.
         self._timer = QTimer(self.native)
         self._timer.setSingleShot(True)
@@ -199,7 +202,7 @@ class APFormerWidget(Container):
         )
         self.weights_choice = ComboBox(
             label="weights",
-            choices=[*shipped, OTHER_WEIGHTS],
+            choices=self._weights_names,  # a function: lists weights saved since
             value=DEFAULT_WEIGHTS if DEFAULT_WEIGHTS in shipped else OTHER_WEIGHTS,
             tooltip="The trained model that segments. What it was trained on, and so what "
             "it can be trusted with, is shown below. 'other file...' opens a weights file.",
@@ -424,6 +427,7 @@ class APFormerWidget(Container):
             or self._volume_worker is not None
             or self._model_worker is not None
             or self._attention_worker is not None
+            or self.adapt.busy
             or self._live_pending
             or self._model_pending
             or self._attention_pending
@@ -436,7 +440,10 @@ class APFormerWidget(Container):
             if not path.is_file():
                 raise InputError("choose a weights file (.safetensors or the authors' .pth)")
             return path
-        return shipped_weights()[self.weights_choice.value]
+        path = available_weights().get(self.weights_choice.value)
+        if path is None:
+            raise InputError(f"weights '{self.weights_choice.value}' are no longer there")
+        return path
 
     def settings(self) -> Settings:
         """The weights, the device and the settings' values on the controls (none while the
@@ -509,6 +516,9 @@ class APFormerWidget(Container):
             return
         if OUTPUT_KEY not in layer.metadata:
             self._orient_for(layer)
+
+    def _weights_names(self, *_: object) -> list[str]:
+        return [*available_weights(), OTHER_WEIGHTS]
 
     def _head_names(self, *_: object) -> list[str]:
         return [MEAN_OF_HEADS, *(f"head {h + 1}" for h in range(self._heads))]
@@ -615,8 +625,7 @@ class APFormerWidget(Container):
     def _card(self) -> ModelCard | None:
         if self.weights_choice.value == OTHER_WEIGHTS:
             return None
-        path = shipped_weights()[self.weights_choice.value]
-        return ModelCard.read(path.with_suffix(".json"))
+        return ModelCard.read(self.weights_path().with_suffix(".json"))
 
     def _on_per_layer_changed(self, controls: SettingControls, *_: object) -> None:
         controls.show_per_layer()
@@ -710,7 +719,8 @@ class APFormerWidget(Container):
         table = card.class_table()
         outputs = self._outputs_for(layer, image)
         had_layers = outputs.get("segmentation") is not None
-        outputs.show_slice(image, outcome.maps, table, card.n_classes)
+        with self.adapt.corrections_kept(outputs.get("segmentation")):
+            outputs.show_slice(image, outcome.maps, table, card.n_classes)
         self._set_text(self.legend, legend_html(table))
         self._note_live_plane(outputs, outcome)
         self._set_text(self.readout, self._readout(outcome))
@@ -921,10 +931,11 @@ class APFormerWidget(Container):
         finished = job.result.slices[self._volume_done : done.done]
         labels = image.to_display(job.result.labels)  # the model array's axes on the shown
         index = [slice(None)] * 3
-        for s in finished:
-            index[axis] = s
-            seg.data[tuple(index)] = labels[tuple(index)]
-        seg.refresh()
+        with self.adapt.corrections_kept(seg):
+            for s in finished:
+                index[axis] = s
+                seg.data[tuple(index)] = labels[tuple(index)]
+            seg.refresh()
         if self._volume_progress is not None:
             self._volume_progress.update(done.done - self._volume_done)
         self._volume_done = done.done
@@ -989,6 +1000,7 @@ class APFormerWidget(Container):
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
         self.viewer.dims.events.current_step.disconnect(self._on_dims_changed)
         self.viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
+        self.adapt.shutdown()
         self.session.close()  # the model and its caches: a closed viewer keeps no memory
 
 
