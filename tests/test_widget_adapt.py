@@ -16,7 +16,13 @@ pytestmark = pytest.mark.gui
 
 from napari_apformer.plugin import adapt as adapt_module  # noqa: E402
 from napari_apformer.plugin import widget as widget_module  # noqa: E402
-from napari_apformer.weights import USER_WEIGHTS_ENV, available_weights  # noqa: E402
+from napari_apformer.weights import (  # noqa: E402
+    USER_SUFFIX,
+    USER_WEIGHTS_ENV,
+    available_weights,
+    resolve_weights,
+    shipped_weights,
+)
 from widget_helpers import PLUGIN, TIMEOUT_MS, open_widget, output, wait_idle  # noqa: E402
 
 SAMPLE = Path(widget_module.__file__).parents[1] / "samples/mni152_t1_2mm.nii.gz"
@@ -62,6 +68,7 @@ def correct(seg, slices=EDITED) -> None:
     """What a user does with the brush: two classes painted on each slice."""
     seg.brush_size = 16
     for s in slices:
+        seg.data[s] = 0  # the brush then changes pixels of both classes for sure
         seg.paint((s, 40, 30), 1)
         seg.paint((s, 70, 60), 2)
 
@@ -83,6 +90,23 @@ def test_slice_lists_and_history_atoms():
     setitem = ((np.array([2, 2, 6]), np.array([1, 2, 3]), np.array([0, 0, 0])), None, 1)
     assert adapt_module.atom_slices(setitem, 0, (8, 10, 10)) == {2, 6}
     assert adapt_module.atom_slices(masked, 0, (10, 10)) == {0}
+
+
+def test_user_weights_are_listed_and_resolved(mine):
+    assert available_weights() == shipped_weights()  # no folder yet
+    mine.mkdir()
+    shipped = next(iter(shipped_weights()))
+    for stem in ("scan-adapted", shipped, ".scan-adapted.previous-12"):
+        for suffix in (".safetensors", ".json"):
+            (mine / f"{stem}{suffix}").write_text("x")
+    (mine / "no-card.safetensors").write_text("x")
+    names = available_weights()
+    assert names["scan-adapted"] == mine / "scan-adapted.safetensors"
+    assert names[f"{shipped}{USER_SUFFIX}"] == mine / f"{shipped}.safetensors"
+    assert names[shipped] == shipped_weights()[shipped]
+    assert len(names) == len(shipped_weights()) + 2
+    assert resolve_weights("scan-adapted") == mine / "scan-adapted.safetensors"
+    assert resolve_weights(shipped) == shipped_weights()[shipped]
 
 
 def test_finetune_on_corrected_slices_saves_selects_and_goes_back(

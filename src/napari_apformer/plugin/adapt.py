@@ -85,10 +85,33 @@ class AdaptOutcome:
     report: Any  # train.finetune.FinetuneReport
 
 
+@dataclass(frozen=True)
+class Refused:
+    """The corrections or settings could not be used (returned, not raised: napari shows a
+    worker's exception with its traceback)."""
+
+    message: str
+
+
 def run_adapt(
     job: AdaptJob, steps: queue.SimpleQueue, stop: threading.Event
+) -> AdaptOutcome | Refused | None:
+    """Fine-tune and save (in a worker thread). None when stopped, Refused for bad input:
+    nothing written then."""
+    from napari_apformer.train.allocator import freed_memory_kept
+
+    try:
+        with freed_memory_kept():
+            return _run_adapt(job, steps, stop)
+    except InputError as error:
+        return Refused(message_text(error))
+    except MemoryError:
+        return Refused("not enough memory to fine-tune; close other layers or use fewer slices")
+
+
+def _run_adapt(
+    job: AdaptJob, steps: queue.SimpleQueue, stop: threading.Event
 ) -> AdaptOutcome | None:
-    """Fine-tune and save (in a worker thread). None when stopped: nothing written."""
     import torch
 
     from napari_apformer.model.checkpoint import load_model, save_weights, sha256_of
@@ -141,7 +164,10 @@ def run_adapt(
             "torch": torch.__version__,
         },
     )
-    save_weights(result.model, card, job.out)
+    try:
+        save_weights(result.model, card, job.out)  # temporaries are removed on failure
+    except OSError as error:
+        raise InputError(f"the weights could not be saved in {job.out.parent}: {error}") from None
     return AdaptOutcome(job.out, job.out.stem, result.report)
 
 
@@ -329,13 +355,12 @@ class AdaptPanel:
         self.section = Container(
             widgets=[
                 self.help,
-                Container(widgets=[self.slices, self.clear], layout="horizontal", labels=False),
+                self.slices,
                 self.steps,
                 Container(
-                    widgets=[self.start_button, self.cancel, self.undo],
-                    layout="horizontal",
-                    labels=False,
+                    widgets=[self.start_button, self.cancel], layout="horizontal", labels=False
                 ),
+                Container(widgets=[self.clear, self.undo], layout="horizontal", labels=False),
                 self.progress_bar,
                 self.status,
             ],
@@ -582,10 +607,13 @@ class AdaptPanel:
                 f"Step {step} of {self._job.steps}: loss <b>{loss:.4f}</b> ({seconds:.0f} s)"
             )
 
-    def _on_returned(self, outcome: AdaptOutcome | None) -> None:
+    def _on_returned(self, outcome: AdaptOutcome | Refused | None) -> None:
         if self._closed:
             return
         self._poll()
+        if isinstance(outcome, Refused):
+            self._refused(outcome.message)
+            return
         if outcome is None:
             self._set_status("Cancelled: nothing was saved; the weights are unchanged.")
             show_info("APFormer: fine-tuning cancelled; nothing was saved")
@@ -603,8 +631,8 @@ class AdaptPanel:
         show_info(f"APFormer: fine-tuned weights '{self._adapted}' saved and selected")
         self._show_buttons()
 
-    def _refused(self, error: BaseException) -> None:
-        text = message_text(error)
+    def _refused(self, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else message_text(error)
         self._set_status(f"Not fine-tuned: {text}")
         show_error(f"APFormer: {text}")
 
