@@ -341,3 +341,29 @@ def test_probabilities_of_a_2d_image(tmp_path, step):
     assert image.shape == (20, 12, 1, 2) and image.get_data_dtype() == np.uint8
     liver = image.get_fdata()[..., 0, 1].T  # back to (Y, X)
     assert np.array_equal(liver > 0.5, picture > 0)
+
+
+def test_every_volume_of_a_4d_nifti_or_the_one_asked_for(tmp_path, step, capsys):
+    data = np.zeros((10, 12, 6, 3), np.int16)
+    for v in range(3):  # a bright box that differs from volume to volume
+        data[2 + v : 7 + v, 1 + 2 * v : 9, :, v] = HIGH
+    affine = np.array([[0, -1.5, 0, 20], [2.0, 0, 0, -30], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    source = tmp_path / "fmri.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), source)
+    out = tmp_path / "out"
+    assert run("predict", source, "-o", out, "--weights", step) == 0
+    for v in range(3):  # one 3D label file per volume, in the file's geometry
+        labels = nib.load(out / f"fmri_vol{v}_seg.nii.gz")
+        assert labels.shape == (10, 12, 6) and np.array_equal(labels.affine, affine)
+        assert np.array_equal(np.asarray(labels.dataobj), data[..., v] > 0)
+        sidecar = json.loads((out / f"fmri_vol{v}_seg.json").read_text())
+        assert sidecar["source_volume"] == v
+    single = tmp_path / "one.nii.gz"
+    assert run("predict", source, "-o", single, "--weights", step, "--volume", 2) == 0
+    assert np.array_equal(np.asarray(nib.load(single).dataobj), data[..., 2] > 0)
+    capsys.readouterr()
+    assert run("predict", source, "-o", tmp_path / "none", "--weights", step, "--volume", 3) == 1
+    assert err_lines(capsys) == [
+        f"apformer: error: {source}: --volume 3: the file has 3 volumes (0 to 2)"
+    ]
+    assert not (tmp_path / "none").exists()

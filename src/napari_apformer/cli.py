@@ -182,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         "for TIFF stacks)",
     )
     predict.add_argument(
+        "--volume",
+        type=int,
+        default=None,
+        metavar="I",
+        help="of a 4D NIfTI file, segment volume I only (0-based); default: every volume, "
+        "each written as <name>_vol<I>_seg (3D files are segmented as they are)",
+    )
+    predict.add_argument(
         "--overwrite",
         action="store_true",
         help="replace existing outputs (default: skip them, so a rerun resumes)",
@@ -406,7 +414,9 @@ def check_not_inputs(inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     check_device(args.device)
-    found = collect_sources(args.inputs)
+    if args.volume is not None and args.volume < 0:
+        raise InputError(f"--volume takes a volume number from 0, not {args.volume}")
+    found = collect_sources(args.inputs, args.volume)
     files = take_shard(found.sources, args.shard)
     single = len(files) == 1 and args.shard is None
     output_format = getattr(args, "output_format", None)
@@ -622,6 +632,8 @@ def predict_file(segmenter, source: Source | Path, target: Path, args: argparse.
     table = class_table(segmenter, result)
     if source.series is not None:
         table["source_series"] = series_record(source.series)
+    if source.volume is not None:
+        table["source_volume"] = source.volume  # of the 4D file, 0-based
     probabilities = (result.probabilities, stored) if stored is not None else None
     write_outputs(target, result.labels, image_file, table, statistics, probabilities)
     print(f"{target}: {result.stats.summary()}")

@@ -59,9 +59,12 @@ class Source:
     path: Path
     stem: str
     series: DicomSeries | None = None
+    volume: int | None = None  # of a 4D NIfTI file (0-based)
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.series.label}" if self.series is not None else str(self.path)
+        if self.series is not None:
+            return f"{self.path}: {self.series.label}"
+        return str(self.path) if self.volume is None else f"{self.path}: volume {self.volume}"
 
     @property
     def name(self) -> str:
@@ -77,7 +80,7 @@ class Source:
     def sort_key(self) -> tuple:
         number = self.series.number if self.series is not None else None
         uid = self.series.uid if self.series is not None else ""
-        return str(self.path), number is not None, number or 0, uid
+        return str(self.path), number is not None, number or 0, uid, self.volume or 0
 
     def read(self) -> ImageFile:
         """The image (a DICOM series read with GDCM, anything else by its suffix)."""
@@ -85,6 +88,10 @@ class Source:
             from napari_apformer.io.dicom import read_dicom_series
 
             return read_dicom_series(self.series)
+        if self.volume is not None:
+            from napari_apformer.io.nifti import read_nifti
+
+            return read_nifti(self.path, volume=self.volume)
         from napari_apformer.io.formats import read_image_file
 
         return read_image_file(self.path)
@@ -114,9 +121,10 @@ def is_output_name(path: Path) -> bool:
     return stem.endswith((LABEL_STEM_SUFFIX, PROBABILITY_STEM_SUFFIX, ".seg"))
 
 
-def collect_sources(inputs: Sequence[Path]) -> Inputs:
+def collect_sources(inputs: Sequence[Path], volume: int | None = None) -> Inputs:
     """Files as given; a folder's readable image files (not recursive, outputs skipped), or,
     for a folder without any, its DICOM series (subfolders searched); a DICOMDIR's series.
+    A 4D NIfTI file gives one source per volume (`<stem>_vol<I>`), or only `volume`.
     InputError for a missing file, an unsupported type or a folder with neither."""
     found = Inputs()
     for item in inputs:
@@ -130,7 +138,8 @@ def collect_sources(inputs: Sequence[Path]) -> Inputs:
                 and not is_output_name(p)
             )
             if images:
-                found.sources += [Source(p, stem_of(p)) for p in images]
+                for p in images:
+                    found.sources += file_sources(p, volume)
                 continue
             from napari_apformer.io.dicom import is_dicom_source
 
@@ -150,8 +159,39 @@ def collect_sources(inputs: Sequence[Path]) -> Inputs:
                 item,
             )
         else:
-            found.sources.append(Source(item, stem_of(item)))
+            found.sources += file_sources(item, volume)
     return found
+
+
+def file_sources(path: Path, volume: int | None) -> list[Source]:
+    """The file as one source, or a 4D NIfTI file's volumes (every one, or `volume` only);
+    the volume count comes from the header, the voxels are read later, a volume at a time."""
+    count = nifti_volume_count(path)
+    if count is None:
+        return [Source(path, stem_of(path))]
+    chosen = range(count) if volume is None else [volume]
+    if volume is not None and not 0 <= volume < count:
+        raise InputError(
+            f"--volume {volume}: the file has {count} volumes (0 to {count - 1})", path
+        )
+    width = len(str(count - 1))
+    return [Source(path, f"{stem_of(path)}_vol{v:0{width}d}", volume=v) for v in chosen]
+
+
+def nifti_volume_count(path: Path) -> int | None:
+    """The number of volumes of a 4D NIfTI file (trailing axes of size 1 ignored); None for
+    anything else, including a file whose header cannot be read (reading it says why)."""
+    if compound_suffix(path) not in (".nii", ".nii.gz"):
+        return None
+    import nibabel as nib
+
+    try:
+        shape = list(nib.load(str(path)).shape)
+    except Exception:  # the reader gives the message
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    return shape[3] if len(shape) == 4 else None
 
 
 def add_dicom(found: Inputs, item: Path) -> None:

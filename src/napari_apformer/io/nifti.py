@@ -29,8 +29,9 @@ DEFLATE_MAX_RATIO = 1032  # no deflate (gzip) stream expands more than this
 NIFTI_INTENT_LABEL = 1002
 
 
-def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
-    """allow_series: accept 4D files (volumes along a 4th axis); otherwise they are refused."""
+def read_nifti(path: Path, allow_series: bool = False, volume: int | None = None) -> ImageFile:
+    """allow_series: accept 4D files (volumes along a 4th axis); otherwise they are refused.
+    volume: read only this volume (0-based) of a 4D file, as a 3D image in its geometry."""
     _check_extensions(path)
     try:
         image = nib.load(str(path))
@@ -48,11 +49,24 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     shape = tuple(int(s) for s in image.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    series = len(shape) == 4 and allow_series
-    if len(shape) > 3 and not series:
+    if volume is not None:
+        if len(shape) != 4:
+            raise InputError("not a 4D file: it has no volumes to choose from", path)
+        if not 0 <= volume < shape[3]:
+            raise InputError(
+                f"volume {volume} does not exist: the file has {shape[3]} (0 to {shape[3] - 1})",
+                path,
+            )
+    series = len(shape) == 4 and allow_series and volume is None
+    if len(shape) > 3 and not series and volume is None:
         raise InputError(
             f"{len(shape)}D data of shape {image.shape} is not supported: give a "
-            f"2D image or {'a 3D or 4D' if allow_series else 'one 3D'} volume",
+            f"2D image or {'a 3D or 4D' if allow_series else 'one 3D'} volume"
+            + (
+                " (apformer predict --volume I takes one volume of a 4D file)"
+                if len(shape) == 4
+                else ""
+            ),
             path,
         )
     if 0 in shape:
@@ -71,7 +85,11 @@ def read_nifti(path: Path, allow_series: bool = False) -> ImageFile:
     affine, notes = _usable_affine(header, path)
     _check_payload(path, image)
     try:
-        data = np.asanyarray(image.dataobj)
+        if volume is None:
+            data = np.asanyarray(image.dataobj)
+        else:  # only that volume's bytes are read and decoded
+            data = np.asanyarray(image.dataobj[..., volume]).reshape(shape[:3])
+            shape = shape[:3]
     except (EOFError, OSError) as error:
         detail = first_line(error).split(" from")[0]  # nibabel: "... bytes from <name>"
         raise InputError(
