@@ -330,7 +330,8 @@ class AdaptPanel:
             value=DEFAULT_STEPS,
             min=1,
             max=5000,
-            tooltip="Steps of 4 augmented slices each; 60 take a few minutes on a laptop CPU.",
+            tooltip="Training steps of 4 augmented slices each: more adapt further and take "
+            "longer (the time of each shows while it runs).",
         )
         self.start_button = PushButton(
             text="Fine-tune",
@@ -346,6 +347,11 @@ class AdaptPanel:
             tooltip="Select the weights the last fine-tuning started from.",
         )
         self.progress_bar = ProgressBar(label="fine-tuning", min=0, max=1, value=0, visible=False)
+        self.progress_bar.tooltip = "Training steps of the fine-tuning run done so far."
+        self.help.tooltip = (
+            "Fine-tuning adapts the weights to this image: it trains them further on the "
+            "slices you corrected."
+        )
         self.status = Label(label="result", value="")
         self.status.tooltip = "Progress and loss during fine-tuning; the Dice afterwards."
         for label in (self.help, self.status):
