@@ -138,3 +138,12 @@ def test_a_sparse_tensor_is_refused_naming_the_source(official_state_dict):
     state["conv4.weight"] = state["conv4.weight"].to_sparse()
     with pytest.raises(InputError, match=r"^state_dict: conv4.weight is not a plain CPU tensor"):
         load_model(state)
+
+
+@pytest.mark.parametrize("limits", ["T1 only", [1, 2], {}])
+def test_a_card_whose_limits_are_not_lines_of_text_is_refused(limits):
+    raw = json.loads(ModelCard.generic("w", 1, 2).to_json())
+    with pytest.raises(InputError, match="limits must be a list of strings"):
+        ModelCard.from_json(json.dumps({**raw, "limits": limits}), "w.json")
+    good = json.dumps({**raw, "limits": ["T1 only"]})
+    assert ModelCard.from_json(good, "w.json").limits == ["T1 only"]

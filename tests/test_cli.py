@@ -270,6 +270,7 @@ def test_info(capsys):
     assert "counters: kept_tokens (kept tokens), kept_dependencies (kept dependencies)" in out
     assert "capabilities: cached encode/decode split, attention of a query point" in out
     assert "classes: 0 background, 1 CSF, 2 grey matter, 3 white matter" in out
+    assert "limits:\n    - T1-weighted brain MRI only" in out  # from the card
     assert "description: APFormer for brain tissue segmentation" in out
 
 

@@ -845,6 +845,12 @@ def describe_model(model, card) -> list[str]:
             lines += textwrap.wrap(
                 f"{label}: {text}", 88, subsequent_indent="    ", break_on_hyphens=False
             )
+    if card.limits:
+        lines.append("limits:")
+        for limit in card.limits:
+            lines += textwrap.wrap(
+                limit, 88, initial_indent="  - ", subsequent_indent="    ", break_on_hyphens=False
+            )
     return lines
 
 

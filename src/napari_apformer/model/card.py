@@ -71,6 +71,8 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     licence: str = ""
+    # What the weights were not made for, one short line each; front ends show them
+    limits: list[str] = field(default_factory=list)
     card_version: int = CARD_VERSION
 
     @property
@@ -120,6 +122,10 @@ class ModelCard:
                 raw.get("settings", {}), dict
             ):
                 raise ValueError("architecture and settings must be objects")
+            if not isinstance(raw.get("limits", []), list) or not all(
+                isinstance(line, str) for line in raw.get("limits", [])
+            ):
+                raise ValueError("limits must be a list of strings")
             raw["classes"] = [ClassInfo(**c) for c in raw["classes"]]
             raw["normalisation"] = Normalisation(**raw["normalisation"])
             card = ModelCard(**raw)
