@@ -529,3 +529,19 @@ def test_training_gives_its_peak_memory_back_when_it_ends():
     after = resident_bytes() - before
     assert held > size // 2  # kept while training
     assert after < size // 4  # handed back afterwards
+
+
+def test_a_sweep_of_a_family_without_settings_gives_one_row(tmp_path, capsys):
+    from napari_apformer.model import ModelCard, save_weights
+    from napari_apformer.model.base import build_model
+
+    data = tiny_folder(tmp_path / "data", count=3)
+    weights = tmp_path / "mobileutr.safetensors"
+    torch.manual_seed(0)
+    save_weights(build_model("mobileutr", 1, 3, "default"), ModelCard.generic("m", 1, 3), weights)
+    out = tmp_path / "sweep" / "m"
+    assert main(["sweep", "--images", str(data), "--weights", str(weights), "-o", str(out)]) == 0
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("dice_background,")  # no setting columns
+    table = capsys.readouterr().out
+    assert table.count("\n|") == 2  # the separator and one row

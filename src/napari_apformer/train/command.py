@@ -233,7 +233,10 @@ def run_sweep(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     model = load_model(resolve_weights(args.weights))
     axes = sweep_axes(args, model)
-    points = sweep.grid(axes) if axes else [{}, model.unpruned_settings()]
+    if axes:
+        points = sweep.grid(axes)
+    else:  # the weights' own settings and unpruned; one row for a family without settings
+        points = [{}, model.unpruned_settings()] if model.settings() else [{}]
     card = model.card
     train_set, val_set, _, data_text, _ = load_data(
         args, card.normalisation, card.n_classes, model.input_rule
