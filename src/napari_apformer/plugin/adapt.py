@@ -403,6 +403,7 @@ class AdaptPanel:
 
     def _watch(self, layer) -> None:
         """Follow the edits of a segmentation layer the widget made."""
+        layer = unwrapped(layer)
         if not isinstance(layer, Labels) or layer.metadata.get(OUTPUT_KEY) != SEGMENTATION:
             return
         entry = self._edits.get(id(layer))
@@ -413,6 +414,7 @@ class AdaptPanel:
         layer.events.data.connect(self._on_data)
 
     def _edits_of(self, layer) -> dict[int, set[int]]:
+        layer = unwrapped(layer)
         entry = self._edits.get(id(layer)) if layer is not None else None
         return entry[1] if entry is not None and entry[0]() is layer else {}
 
@@ -431,7 +433,7 @@ class AdaptPanel:
             return 0
 
     def _on_paint(self, event) -> None:
-        layer = event.source
+        layer = unwrapped(event.source)
         entry = self._edits.get(id(layer))
         if self._closed or entry is None or entry[0]() is not layer:
             return
@@ -443,7 +445,7 @@ class AdaptPanel:
 
     def _on_data(self, event) -> None:
         """The layer's whole array was replaced: which slices are corrected is unknown."""
-        layer = event.source
+        layer = unwrapped(event.source)
         if self._closed or not self._edits_of(layer):
             return
         self._edits[id(layer)] = (weakref.ref(layer), {})
@@ -485,13 +487,14 @@ class AdaptPanel:
             self._set_status("Segment a slice first: the corrections go on its segmentation.")
             return
         self._watch(layer)
-        self._edits[id(layer)][1][axis] = set(listed)
+        self._edits[id(unwrapped(layer))][1][axis] = set(listed)
 
     def clear_list(self, *_: object) -> None:
         try:
             _, _, layer = self._current()
         except InputError:
             return
+        layer = unwrapped(layer)
         if layer is not None and id(layer) in self._edits:
             self._edits[id(layer)] = (weakref.ref(layer), {})
         self.show_list()
@@ -715,6 +718,12 @@ def new_weights_path(base: str, image: str) -> Path:
     ):
         name, n = f"{stem}-{n}", n + 1
     return folder / f"{name}.safetensors"
+
+
+def unwrapped(layer):
+    """The layer itself: napari hands a plugin's widget its viewer behind a proxy
+    (`PublicOnlyProxy`), whose layers are proxies too, never identical to the layer."""
+    return getattr(layer, "__wrapped__", layer)
 
 
 def _qt_alive(obj: object) -> bool:
