@@ -1,6 +1,6 @@
 """Save docs/adapt-panel.png: the widget's "Adapt to this scan" section after a fine-tuning run.
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_adapt_screenshot.py [--steps N]
+    xvfb-run -a -s "-screen 0 1920x1700x24" python docs/make_adapt_screenshot.py [--steps N]
 
 Opens the 2 mm MNI152 sample volume, segments axial slice 40 with the shipped weights,
 "corrects" axial slices 30, 40 and 50 by writing the sample's reference tissue labels into the
@@ -26,7 +26,7 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 OUT = Path(__file__).parent / "adapt-panel.png"
-SIZE = (1700, 1150)
+SIZE = (1700, 1600)
 CORRECTED = (30, 40, 50)
 SHOWN_SLICE = 45  # not corrected: the canvas shows the new weights' labels there
 
