@@ -56,6 +56,17 @@ def assert_conforms(ours: torch.Tensor, reference: np.ndarray) -> float:
     return float((ours - reference_t).abs().max())
 
 
+def assert_labels_agree(logits: torch.Tensor, reference: np.ndarray, margin: float = 1e-3) -> None:
+    """Labels equal the release's wherever the top two logits differ by more than `margin`
+    (ten times the float noise the conformance allows); a near-tie may go either way with the
+    CPU's summation order; near-ties stay rare."""
+    top2 = logits.topk(2, dim=1).values
+    decided = ((top2[:, 0] - top2[:, 1]) > margin).numpy()
+    ours = logits.argmax(1).numpy()
+    assert np.array_equal(ours[decided], reference[decided])
+    assert (~decided).sum() <= 0.01 * decided.size  # 0.25 % here (random weights)
+
+
 def test_the_release_state_dict_loads_unchanged_and_matches_its_logits(vector, release_state):
     model = load_model(release_state)
     assert model.family == "mobileutr" and model.architecture()["sizes"]["heads"] == 4
@@ -64,13 +75,13 @@ def test_the_release_state_dict_loads_unchanged_and_matches_its_logits(vector, r
     with torch.inference_mode():
         logits = model.predict(x).logits
     assert_conforms(logits[..., ::2, ::2], vector["logits_strided"])
-    assert np.array_equal(logits.argmax(1).numpy(), vector["argmax"])
+    assert_labels_agree(logits, vector["argmax"])
 
 
 def test_a_grey_model_with_the_folded_stem_matches_the_release(vector, grey_logits):
     worst = assert_conforms(grey_logits[..., ::2, ::2], vector["logits_strided"])
     assert worst < 2e-4  # the spec measured 7e-5: float noise of the sum over channels
-    assert np.array_equal(grey_logits.argmax(1).numpy(), vector["argmax"])
+    assert_labels_agree(grey_logits, vector["argmax"])
 
 
 @pytest.mark.skipif(not FULL_VECTOR.is_file(), reason="the shared vector is not on this clone")
