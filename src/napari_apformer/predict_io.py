@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 
 from napari_apformer.errors import InputError
 from napari_apformer.io.files import compound_suffix, stem_of
-from napari_apformer.io.formats import READABLE_SUFFIXES, is_readable_name, label_suffix_for
+from napari_apformer.io.formats import (
+    NIFTI_SUFFIXES,
+    READABLE_SUFFIXES,
+    is_readable_name,
+    label_suffix_for,
+)
 
 if TYPE_CHECKING:
     from napari_apformer.io.dicom import DicomSeries
@@ -166,7 +171,11 @@ def collect_sources(inputs: Sequence[Path], volume: int | None = None) -> Inputs
 def file_sources(path: Path, volume: int | None) -> list[Source]:
     """The file as one source, or a 4D NIfTI file's volumes (every one, or `volume` only);
     the volume count comes from the header, the voxels are read later, a volume at a time."""
-    count = nifti_volume_count(path)
+    count = None
+    if compound_suffix(path) in NIFTI_SUFFIXES:
+        from napari_apformer.io.nifti import nifti_volume_count
+
+        count = nifti_volume_count(path)
     if count is None:
         return [Source(path, stem_of(path))]
     chosen = range(count) if volume is None else [volume]
@@ -176,22 +185,6 @@ def file_sources(path: Path, volume: int | None) -> list[Source]:
         )
     width = len(str(count - 1))
     return [Source(path, f"{stem_of(path)}_vol{v:0{width}d}", volume=v) for v in chosen]
-
-
-def nifti_volume_count(path: Path) -> int | None:
-    """The number of volumes of a 4D NIfTI file (trailing axes of size 1 ignored); None for
-    anything else, including a file whose header cannot be read (reading it says why)."""
-    if compound_suffix(path) not in (".nii", ".nii.gz"):
-        return None
-    import nibabel as nib
-
-    try:
-        shape = list(nib.load(str(path)).shape)
-    except Exception:  # the reader gives the message
-        return None
-    while len(shape) > 3 and shape[-1] == 1:
-        shape.pop()
-    return shape[3] if len(shape) == 4 else None
 
 
 def add_dicom(found: Inputs, item: Path) -> None:

@@ -29,6 +29,27 @@ DEFLATE_MAX_RATIO = 1032  # no deflate (gzip) stream expands more than this
 NIFTI_INTENT_LABEL = 1002
 
 
+def _shape_of(image: nib.Nifti1Image | nib.Nifti2Image) -> tuple[int, ...]:
+    """The image's shape without trailing axes of size 1 beyond the third."""
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def nifti_volume_count(path: Path) -> int | None:
+    """The number of volumes of a 4D NIfTI file, from its header; None for anything else,
+    including a header nibabel cannot read (read_nifti then says why)."""
+    try:
+        image = nib.load(str(path))
+    except Exception:  # reported when the file is read
+        return None
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        return None
+    shape = _shape_of(image)
+    return shape[3] if len(shape) == 4 else None
+
+
 def read_nifti(path: Path, allow_series: bool = False, volume: int | None = None) -> ImageFile:
     """allow_series: accept 4D files (volumes along a 4th axis); otherwise they are refused.
     volume: read only this volume (0-based) of a 4D file, as a 3D image in its geometry."""
@@ -46,9 +67,7 @@ def read_nifti(path: Path, allow_series: bool = False, volume: int | None = None
         raise InputError(f"not a readable NIfTI file ({first_line(error)})", path) from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image ({type(image).__name__})", path)
-    shape = tuple(int(s) for s in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
+    shape = _shape_of(image)
     if volume is not None:
         if len(shape) != 4:
             raise InputError("not a 4D file: it has no volumes to choose from", path)
@@ -61,12 +80,7 @@ def read_nifti(path: Path, allow_series: bool = False, volume: int | None = None
     if len(shape) > 3 and not series and volume is None:
         raise InputError(
             f"{len(shape)}D data of shape {image.shape} is not supported: give a "
-            f"2D image or {'a 3D or 4D' if allow_series else 'one 3D'} volume"
-            + (
-                " (apformer predict --volume I takes one volume of a 4D file)"
-                if len(shape) == 4
-                else ""
-            ),
+            f"2D image or {'a 3D or 4D' if allow_series else 'one 3D'} volume",
             path,
         )
     if 0 in shape:
