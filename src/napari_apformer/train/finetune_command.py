@@ -316,7 +316,7 @@ def _finetune(args: argparse.Namespace) -> int:
         + " ".join(shlex.quote(str(a)) for a in getattr(args, "command_line", [])),
         extra={"torch": torch.__version__},
     )
-    card.training["wall_seconds"] = round(time.perf_counter() - started, 1)
+    card.training["wall_seconds"] = round(time.perf_counter() - started, 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(args.out.parent)
     save_weights(result.model, card, args.out.with_suffix(".safetensors"))
