@@ -9,10 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from napari_apformer.weights import USER_WEIGHTS_ENV
+
 DATA = Path(__file__).parent / "data"
 SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_folders(monkeypatch, tmp_path_factory) -> None:
+    """No test reads or writes the real user folders: the user weights folder (fine-tuned
+    weights, `weights.USER_WEIGHTS_ENV`) and the remembered widget settings
+    (`APFORMER_CONFIG_DIR`, plugin.settings_store) point to this test's own empty temporary
+    folders, which do not exist until something writes there."""
+    folder = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv(USER_WEIGHTS_ENV, str(folder / "weights"))
+    monkeypatch.setenv("APFORMER_CONFIG_DIR", str(folder / "config"))
 
 
 @pytest.fixture(scope="session")

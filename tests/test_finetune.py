@@ -3,6 +3,8 @@ small synthetic scan for every family with training losses, the card, refusals o
 with nothing written, cancel and interruption (not for quality)."""
 
 import json
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -277,3 +279,78 @@ def test_labels_outside_the_trusted_slices_are_not_checked():
     assert chosen == [1, 3] and [t.shape for t in truths] == [(40, 44)] * 2
     with pytest.raises(ValueError, match="label\\(s\\) 200"):
         check_corrections(labels, SHAPE, 2, [4], card)
+
+
+def test_the_widget_and_the_command_line_fine_tune_alike(tmp_path, base_weights, scan, family):
+    """Issue 17: "the same code serves the widget". The widget's worker function (run_adapt),
+    fed the layers napari's reader makes of the files, and `apformer finetune` on the files,
+    with the same seed, steps and batch size, give the same weights and held-out Dice."""
+    pytest.importorskip("napari")
+    import queue
+    import threading
+
+    from napari.layers import Image
+
+    from napari_apformer.plugin import adapt
+    from napari_apformer.plugin._reader import read_layers
+    from napari_apformer.plugin.image_source import image_source
+    from napari_apformer.weights import user_weights_dir
+
+    image_path, labels_path = scan
+    out = tmp_path / "cli" / "adapted"
+    more = ["--no-progress", "--device", "cpu", "--batch-size", 4, "--seed", 0]
+    assert apformer_finetune(base_weights, image_path, labels_path, "axial:1-5", out, *more) == 0
+
+    [(data, kwargs, kind)] = read_layers(str(image_path))
+    [(label_data, _, label_kind)] = read_layers(str(labels_path))
+    assert (kind, label_kind) == ("image", "labels")
+    source = image_source(Image(data, **kwargs))
+    assert source.transposed  # napari shows (S, A, R): axial is the shown axis 0
+    job = adapt.AdaptJob(
+        weights=base_weights,
+        base_name=base_weights.stem,
+        image=source,
+        labels=np.array(label_data, copy=True),
+        labels_name="scan_seg",
+        axis=0,
+        axis_name="axial",
+        slices=(1, 2, 3, 4, 5),
+        steps=2,  # apformer_finetune's --steps
+        device="cpu",
+        out=adapt.new_weights_path(base_weights.stem, source.name),
+    )
+    assert job.out.parent == user_weights_dir()  # the test's own folder (conftest)
+    outcome = adapt.run_adapt(job, queue.SimpleQueue(), threading.Event())
+    assert isinstance(outcome, adapt.AdaptOutcome), outcome
+
+    cli_model, widget_model = load_model(out.with_suffix(".safetensors")), load_model(job.out)
+    cli_state, widget_state = cli_model.state_dict(), widget_model.state_dict()
+    assert cli_state.keys() == widget_state.keys()
+    base = load_model(base_weights).state_dict()
+    # Two steps at the default learning rate move the weights by about 1e-4: compare the
+    # updates, to a hundredth of the largest (the same process computes both, so float
+    # noise is far below that; any difference of data, seed or options is not).
+    cli_update = {k: (v.double() - base[k].double()) for k, v in cli_state.items()}
+    largest = max(float(u.abs().max()) for u in cli_update.values())
+    assert largest > 0  # both trained
+    for key, update in cli_update.items():
+        widget_update = widget_state[key].double() - base[key].double()
+        torch.testing.assert_close(widget_update, update, rtol=0, atol=largest / 100, msg=key)
+
+    cli_card = json.loads(out.with_suffix(".json").read_text())
+    widget_card = json.loads(job.out.with_suffix(".json").read_text())
+    cli_run, widget_run = cli_card["training"]["finetune"], widget_card["training"]["finetune"]
+    for key in ("slices", "held_out_slice", "axis", "steps"):
+        assert widget_run[key] == cli_run[key], key
+    for key in ("held_out_mean_foreground_dice_before", "held_out_mean_foreground_dice_after"):
+        assert widget_card["metrics"][key] == pytest.approx(cli_card["metrics"][key], abs=1e-3)
+
+
+def test_each_test_has_its_own_empty_user_folders(tmp_path_factory):
+    """conftest points the user weights and settings folders into pytest's temporary folder,
+    so fine-tuning in a test never reads or writes the user's own."""
+    from napari_apformer.weights import user_weights, user_weights_dir
+
+    temporary = tmp_path_factory.getbasetemp()
+    assert user_weights_dir().is_relative_to(temporary) and user_weights() == {}
+    assert Path(os.environ["APFORMER_CONFIG_DIR"]).is_relative_to(temporary)
