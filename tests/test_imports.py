@@ -33,5 +33,15 @@ def test_manifest_is_valid_and_found():
     assert manifest.name == "napari-apformer"
     PluginManager.instance().discover()
     contributions = manifest.contributions
-    assert {w.display_name for w in contributions.widgets} == {"APFormer"}
-    assert len(contributions.sample_data) == 3 and len(contributions.writers) == 6
+    assert {w.display_name for w in contributions.widgets} == {
+        "APFormer",
+        "Evaluate against a reference",
+    }
+    assert len(contributions.sample_data) == 3 and len(contributions.writers) == 9
+    map_writers = [w for w in contributions.writers if w.layer_types == ["image"]]
+    assert sorted(e for w in map_writers for e in w.filename_extensions) == [
+        ".mha",
+        ".nii",
+        ".nii.gz",
+        ".nrrd",
+    ]

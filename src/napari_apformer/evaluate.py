@@ -20,7 +20,10 @@ different grids are refused. SimpleITK is imported only here, on use.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +65,7 @@ class ClassScore:
     prediction_voxels: int
     voxel_ml: float | None  # None when the spacing is not known to be in mm
 
-    def row(self, reference: Path, prediction: Path, tolerance: float) -> dict:
+    def row(self, reference: Path | str, prediction: Path | str, tolerance: float) -> dict:
         """A CSV row (COLUMNS): NaN as an empty cell, volumes in ml where known."""
 
         def ml(voxels: int) -> float | str:
@@ -176,14 +179,56 @@ def evaluate_pair(
     spacing = reference.spacing or (1.0,) * reference.data.ndim
     in_mm = reference.spacing is not None and reference.nifti is not None
     voxel_ml = math.prod(abs(float(s)) for s in spacing) / 1000 if in_mm else None
-    ref, pred = reference.data.astype(np.int64), prediction.data.astype(np.int64)
-    values = sorted({*names, *np.unique(ref).tolist(), *np.unique(pred).tolist()} - {0})
-    return [
-        score_class(
-            ref == v, pred == v, spacing, tolerance, v, names.get(v, f"class {v}"), voxel_ml
+    return evaluate_arrays(reference.data, prediction.data, spacing, tolerance, names, voxel_ml)
+
+
+def evaluate_arrays(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing: tuple[float, ...],
+    tolerance: float,
+    names: dict[int, str] | None = None,
+    voxel_ml: float | None = None,
+) -> list[ClassScore]:
+    """The array-level core of evaluate_pair (the napari panel calls it with layers): two
+    label arrays of one shape, `spacing` per axis in mm; every class in `names` or in either
+    array but the background (0)."""
+    scores = iter_class_scores(reference, prediction, spacing, tolerance, names, voxel_ml)
+    return [score for score, _ in scores]
+
+
+def iter_class_scores(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing: tuple[float, ...],
+    tolerance: float,
+    names: dict[int, str] | None = None,
+    voxel_ml: float | None = None,
+) -> Iterator[tuple[ClassScore, int]]:
+    """evaluate_arrays one class at a time: (score, number of classes), so that a caller can
+    show progress or stop between classes."""
+    names = names or {}
+    if reference.shape != prediction.shape:
+        raise InputError(
+            f"shapes differ: prediction {prediction.shape}, reference {reference.shape}"
         )
-        for v in values
-    ]
+    ref, pred = reference.astype(np.int64), prediction.astype(np.int64)
+    values = sorted({*names, *np.unique(ref).tolist(), *np.unique(pred).tolist()} - {0})
+    for v in values:
+        name = names.get(v, f"class {v}")
+        yield score_class(ref == v, pred == v, spacing, tolerance, v, name, voxel_ml), len(values)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows (ClassScore.row) as CSV text with the COLUMNS header, spreadsheet-safe cells."""
+    from napari_apformer.cohort import spreadsheet_safe
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
+    return text.getvalue()
 
 
 def score_class(

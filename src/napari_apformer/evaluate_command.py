@@ -7,8 +7,6 @@ reference `case1.nii.gz` or `case1_seg.nii.gz`). The measures: napari_apformer.e
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import sys
 from pathlib import Path
@@ -125,7 +123,7 @@ def pairs(reference: Path, prediction: Path) -> tuple[list[tuple[Path, Path]], l
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from napari_apformer.evaluate import COLUMNS, evaluate_pair
+    from napari_apformer.evaluate import csv_text, evaluate_pair
     from napari_apformer.io.files import write_atomically
 
     if (args.predictions is None) == (args.prediction is None):
@@ -149,25 +147,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rows += [s.row(reference_path, prediction_path, args.tolerance) for s in scores]
     print(table_text(rows, args.tolerance, several=len(found) > 1))
     if args.output is not None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
+        text = csv_text(rows)
         try:
-            write_atomically(args.output, lambda tmp: tmp.write_text(text.getvalue(), "utf-8"))
+            write_atomically(args.output, lambda tmp: tmp.write_text(text, "utf-8"))
         except OSError as error:
             raise InputError(f"cannot write ({error.strerror or error})", args.output) from None
         print(f"{args.output}: {len(rows)} rows", file=sys.stderr)
     if failed:
         print(f"apformer: {len(failed)} of {len(found)} pairs failed", file=sys.stderr)
     return 1 if failed else 0
-
-
-def spreadsheet_safe(value: object) -> object:
-    from napari_apformer.cohort import spreadsheet_safe as safe
-
-    return safe(value)
 
 
 def table_text(rows: list[dict], tolerance: float, several: bool) -> str:
