@@ -165,11 +165,17 @@ def cost_of(model: SegmentationModel, counts: Mapping[str, Sequence[int]]) -> Co
 
 
 def select(
-    model: SegmentationModel, factors: Mapping[str, Sequence[torch.Tensor]], budget: Budget
+    model: SegmentationModel,
+    factors: Mapping[str, Sequence[torch.Tensor]],
+    budget: Budget,
+    base: Cost | None = None,
 ) -> Selection:
     """The units to keep at `budget`, ranked by the magnitudes of `factors` (dimension -> one
     tensor per layer; a dimension without factors keeps everything). InputError if the
-    budget cannot be met or names a dimension that has nothing to rank."""
+    budget cannot be met or names a dimension that has nothing to rank.
+
+    base: the cost the fractions are taken of (default: `model` keeping every unit; the
+    pipeline gives the base weights' own when it added a pixel classification module)."""
     searchable: JointSearch = model  # type: ignore[assignment]
     dimensions = searchable.searchable_dimensions()
     defaults = searchable.search_defaults()
@@ -226,7 +232,8 @@ def select(
             budget.max_flops is None or selection.flops_fraction <= budget.max_flops
         )
 
-    base = cost_of(model, dimensions)
+    if base is None:
+        base = cost_of(model, dimensions)
     if not free:
         chosen = at(1.0)
         if budget.has_target and not meets(chosen):

@@ -104,6 +104,15 @@ def add_parser(subparsers) -> None:
         "goes), up to --search-steps in all; with all steps done, only extract (another "
         "budget or OUT)",
     )
+    search.add_argument(
+        "--pixel-head",
+        action="store_true",
+        help="add our pixel classification module (not the seed paper's design, which is "
+        "unknown): a per-pixel 1x1-convolution head on the last decoder feature map whose "
+        "logits are added to the network's, its last convolution at zero so the search "
+        "starts from the base weights' output; trained in the search and fine-tuning, kept "
+        "in the compressed network",
+    )
     tune = parser.add_argument_group("fine-tuning of the extracted network")
     tune.add_argument("--finetune-steps", type=int, default=0, help="0: none")
     tune.add_argument("--finetune-steps-per-epoch", type=int, default=40)
@@ -164,6 +173,8 @@ def _compress(args: argparse.Namespace) -> int:
     path = resolve_weights(args.weights)
     model = load_model(path)
     searchable = joint_search(model, path)
+    if args.pixel_head and not hasattr(model, "add_pixel_head"):
+        raise InputError(f"the {model.family} family has no pixel classification module", path)
     defaults = searchable.search_defaults()
     lambdas = {name: float(d.get("lambda", 0.0)) for name, d in defaults.items()}
     lambdas.update(assignments(args.lambdas, "--lambda", float))
@@ -217,6 +228,7 @@ def _compress(args: argparse.Namespace) -> int:
                 "data": data_text,
                 "batch size": args.batch_size,
                 "seed": args.seed,
+                **({"pixel head": True} if args.pixel_head else {}),
             },
         ),
         budget=budget,
@@ -231,6 +243,7 @@ def _compress(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
         evaluate_base=not args.no_base_validation,
+        pixel_head=args.pixel_head,
         base_name=str(args.weights or path.stem),
         provenance={
             "command": command,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from napari_apformer.compress.budget import Budget, Selection, check_reachable, select
+from napari_apformer.compress.budget import Budget, Selection, check_reachable, cost_of, select
 from napari_apformer.compress.capability import joint_search
 from napari_apformer.compress.search import (
     SearchConfig,
@@ -37,6 +37,11 @@ METHOD = (
     "dimensions, trained with the weights in one run, one global threshold per dimension "
     "(Zheng et al., J. Imaging 2024, 10(9), 206, following ViT-Slim, Chavan et al., CVPR "
     "2022); the details are this project's (docs/compression.md)"
+)
+PIXEL_HEAD_DESIGN = (
+    "ours, not the seed paper's (its design could not be read): on the last decoder feature "
+    "map, Conv1x1 -> BatchNorm -> ReLU -> Conv1x1 to the classes, logits added to the "
+    "existing head's, trained with the same losses in the search and fine-tuning"
 )
 
 
@@ -61,6 +66,7 @@ class CompressConfig:
     budget: Budget = field(default_factory=Budget)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate_base: bool = True  # validate the base weights first (for the card's comparison)
+    pixel_head: bool = False  # add our pixel classification module before the search
     base_name: str = ""  # how the base weights were named (shipped name or path)
     provenance: dict[str, Any] = field(default_factory=dict)  # command, data, ... for the card
 
@@ -82,6 +88,33 @@ def extract(model: SegmentationModel, selection: Selection) -> SegmentationModel
     slim = joint_search(model).slimmed(selection.keep)
     slim.card = None
     return slim
+
+
+def add_pixel_head(model: SegmentationModel) -> bool:
+    """Attach the family's pixel classification module (ours) unless the model has one;
+    whether one was added. InputError for a family without it."""
+    if getattr(model, "pixel_head", None) is not None:
+        return False
+    adder = getattr(model, "add_pixel_head", None)
+    if adder is None:
+        raise InputError(f"the {model.family} family has no pixel classification module")
+    adder()
+    return True
+
+
+def pixel_head_record(model: SegmentationModel, added: bool) -> dict[str, Any] | bool:
+    """The card's record of the pixel classification module: False without one."""
+    head = getattr(model, "pixel_head", None)
+    if head is None:
+        return False
+    return {
+        "design": PIXEL_HEAD_DESIGN,
+        "hidden_channels": model.sizes().get("pixel_head"),
+        "parameters": sum(p.numel() for p in head.parameters()),
+        "added_by_this_run": added,
+        "initialisation": "default for the first convolution; the last one zero (weight and "
+        "bias), so the search started from the base weights' output",
+    }
 
 
 def save_atomically(model: SegmentationModel, card: ModelCard, out: Path) -> None:
@@ -139,8 +172,10 @@ def compress(
     if config.evaluate_base:
         base_dice = evaluate(model, val_set, None, device).mean_foreground
         print(f"base weights: validation mean Dice {base_dice:.4f}", flush=True)
+    base_cost = cost_of(model, joint_search(model).searchable_dimensions())
+    head_added = config.pixel_head and add_pixel_head(model)
     result = search(model, train_set, config.search)
-    selection = select(model, result.factors, config.budget)
+    selection = select(model, result.factors, config.budget, base_cost)
     print(
         f"searched {result.steps} steps in {result.seconds / 60:.1f} min"
         + (" (stopped by the time limit)" if result.stopped_early else "")
@@ -183,7 +218,7 @@ def compress(
             "factors": factor_statistics(result.factors),
         },
         **selection.summary(),
-        "pixel_classification_module": False,
+        "pixel_classification_module": pixel_head_record(slim, head_added),
         "finetune": None,
     }
     names = [c.name for c in base_card.classes]

@@ -86,6 +86,9 @@ def decoder_flops(model: APFormer, kept_tokens: int, first_layer_reused: bool = 
         total += _conv_flops(first, side, first.in_channels - up.skip_channels)
         total += _conv_flops(up.conv.double_conv[3], side)
     total += _conv_flops(model.outc.conv, model.input_size)
+    if model.pixel_head is not None:  # our pixel classification module: two 1x1 convolutions
+        total += _conv_flops(model.pixel_head.net[0], model.input_size)
+        total += _conv_flops(model.pixel_head.net[3], model.input_size)
     return total
 
 

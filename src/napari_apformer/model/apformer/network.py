@@ -113,6 +113,28 @@ class OutConv(nn.Module):
         return self.conv(x)
 
 
+class PixelHead(nn.Module):
+    """Our pixel classification module (issue 15; the seed paper names one but its design
+    could not be read, docs/compression.md): on the last decoder feature map, Conv1x1
+    cin->hidden, BatchNorm, ReLU, Conv1x1 hidden->classes, whose logits are added to those
+    of `outc`. The last convolution starts at zero (weight and bias), so a head added to
+    trained weights leaves their output unchanged until training moves it."""
+
+    def __init__(self, cin: int, hidden: int, n_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, hidden, kernel_size=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(True),
+            nn.Conv2d(hidden, n_classes, kernel_size=1),
+        )
+        nn.init.zeros_(self.net[3].weight)
+        nn.init.zeros_(self.net[3].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 @dataclass
 class EncodedSlices:
     """Everything of a forward pass that does not depend on token_threshold, and optionally
@@ -188,7 +210,9 @@ class APFormer(SegmentationModel):
     """APFormer for `in_channels` input channels and `n_classes` classes.
 
     widths: the CNN's four stage widths (the release: 16, 32, 64, 128; the last is the token
-    width); layers: each transformer layer's sizes (the release: 4 x 6 heads of 128, MLP 512).
+    width); layers: each transformer layer's sizes (the release: 4 x 6 heads of 128, MLP 512);
+    pixel_head: hidden channels of our optional pixel classification module (`PixelHead`;
+    0, the release: none, and no trace of it in the sizes or the state_dict).
     """
 
     family = "apformer"
@@ -208,6 +232,7 @@ class APFormer(SegmentationModel):
         layers: Sequence[LayerSizes] | None = None,
         input_size: int = INPUT_SIZE,
         variant: str = "default",
+        pixel_head: int = 0,
     ) -> None:
         super().__init__(in_channels, n_classes, variant)
         if layers is None:
@@ -226,6 +251,9 @@ class APFormer(SegmentationModel):
         self.up3 = Up(2 * w2, w1, skip_channels=w2)
         self.up4 = Up(2 * w1, w1, skip_channels=w1)
         self.outc = OutConv(w1, n_classes)
+        self.pixel_head: PixelHead | None = None
+        if pixel_head:
+            self.pixel_head = PixelHead(w1, pixel_head, n_classes)
         # Channels-last convolutions run about 10 % faster here (docs/performance.md); loading
         # a state_dict and moving devices keep this layout.
         self.to(memory_format=torch.channels_last)
@@ -236,11 +264,14 @@ class APFormer(SegmentationModel):
         return InputRule(size=self.input_size)
 
     def sizes(self) -> dict:
-        return {
+        sizes = {
             "input_size": self.input_size,
             "widths": list(self.widths),
             "layers": [asdict(s) for s in self.layer_sizes],
         }
+        if self.pixel_head is not None:
+            sizes["pixel_head"] = self.pixel_head.net[0].out_channels
+        return sizes
 
     @classmethod
     def from_sizes(cls, in_channels: int, n_classes: int, variant: str, sizes) -> APFormer:
@@ -248,11 +279,19 @@ class APFormer(SegmentationModel):
             layers = [LayerSizes(**layer) for layer in sizes["layers"]]
             widths = [int(w) for w in sizes["widths"]]
             input_size = int(sizes["input_size"])
+            pixel_head = sizes.get("pixel_head")  # absent: none (the release)
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"APFormer sizes are incomplete or malformed ({error})") from None
         if len(widths) != 4 or not layers:
             raise InputError("APFormer needs 4 CNN widths and at least one transformer layer")
-        return cls(in_channels, n_classes, widths, layers, input_size, variant)
+        if pixel_head is not None and (
+            isinstance(pixel_head, bool) or not isinstance(pixel_head, int) or pixel_head < 1
+        ):
+            raise InputError(
+                f"APFormer sizes: pixel_head must be a positive number of channels, got "
+                f"{pixel_head!r}"
+            )
+        return cls(in_channels, n_classes, widths, layers, input_size, variant, pixel_head or 0)
 
     @classmethod
     def recognise(cls, state) -> dict | None:
@@ -443,6 +482,19 @@ class APFormer(SegmentationModel):
         return groups
 
     # -- compression (Searchable; the factors and the slicing are in search.py) -------------
+    def add_pixel_head(self, hidden: int | None = None) -> PixelHead:
+        """Attach our pixel classification module (hidden channels: the last decoder map's
+        width by default), its last convolution at zero: the output does not change until
+        training moves it. Same device, layout and mode as the model."""
+        if self.pixel_head is not None:
+            raise ValueError("this model already has a pixel classification module")
+        width = self.widths[0]
+        device = self.outc.conv.weight.device
+        head = PixelHead(width, hidden or width, self.n_classes)
+        head.to(device=device, memory_format=torch.channels_last).train(self.training)
+        self.pixel_head = head
+        return head
+
     def searchable_dimensions(self) -> dict[str, list[int]]:
         """Dimension -> per-layer number of units compression may remove: head_channels
         (channels of a head, shared by Q, K, V and all heads), heads, mlp_hidden."""
@@ -531,9 +583,10 @@ class APFormer(SegmentationModel):
         y = self.up2(y, encoded.skip_parts[0])
         y = self.up3(y, encoded.skip_parts[1])
         y = self.up4(y, encoded.skip_parts[2])
-        return ModelOutput(
-            self.outc(y), encoded.token_logits, keep, out.traces, out.first_layer_reused
-        )
+        logits = self.outc(y)
+        if self.pixel_head is not None:
+            logits = logits + self.pixel_head(y)
+        return ModelOutput(logits, encoded.token_logits, keep, out.traces, out.first_layer_reused)
 
     def forward(
         self,
