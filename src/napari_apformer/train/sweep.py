@@ -4,12 +4,22 @@ A grid point names some of the model's settings (the others keep the weights' ow
 With a model that offers a cached split (`CachedSplit`) the costly part runs once per batch and
 each grid point reruns `decode` only; otherwise each point runs `predict`. The counters (as
 fractions) and GFLOP per slice come from the predictions: what the implementation ran.
+
+Milliseconds per slice are wall time of those passes on this machine (its torch threads and
+device are recorded with them): a point's share is the batch's `encode` (once, shared by
+every point, as a cold run of the engine also encodes each slice once) plus its own `decode`
+(or its `predict`), divided by the slices. Points are interleaved batch by batch, and each
+runs one slice untimed first, so one-off start-up costs fall on no point. Dice counting is
+not timed. Other work on the machine adds to the figures: compare rows of one sweep, or
+sweeps run on a quiet machine.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import platform
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +31,48 @@ from napari_apformer.model.base import CachedSplit, SegmentationModel, SettingVa
 from napari_apformer.train.datasets import SliceSet
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where the milliseconds were measured."""
+
+    machine: str  # the CPU's name
+    threads: int  # torch's CPU threads
+    device: str
+
+    def text(self) -> str:
+        return f"wall time on {self.machine}, {self.threads} torch threads, {self.device}"
+
+
 @dataclass
 class SweepRow:
     settings: dict[str, SettingValue]  # every setting's value at this grid point
     dice: list[float]  # per class, background first
     counters: dict[str, float]  # name -> count / out of, over all slices
     gflops: float  # per slice
+    ms_per_slice: float = 0.0  # wall time of the model's passes per slice (see the module)
+    timing: Timing | None = None
 
     @property
     def mean_foreground(self) -> float:
         return sum(self.dice[1:]) / max(1, len(self.dice) - 1)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def grid(axes: Mapping[str, Sequence[object]]) -> list[dict[str, object]]:
@@ -50,6 +92,7 @@ def sweep(
 ) -> list[SweepRow]:
     """One row per distinct grid point (settings not named take the model's defaults)."""
     model.eval()
+    device = torch.device(device)
     resolved: list[dict[str, SettingValue]] = []
     for point in points:
         values = model.resolve_settings(point)
@@ -62,14 +105,27 @@ def sweep(
     counts = [torch.zeros(n, 3, dtype=torch.float64) for _ in resolved]
     counted = [{name: [0.0, 0.0] for name in names} for _ in resolved]
     flops = [0.0 for _ in resolved]
+    seconds = [0.0 for _ in resolved]
     split = isinstance(model, CachedSplit)
+    if len(data):  # warm-up, untimed: one slice per point
+        first = data.images[:1].to(device)
+        encoded_first = model.encode(first) if split else None
+        for values in resolved:
+            if split:
+                model.decode(encoded_first, **values)
+            else:
+                model.predict(first, **values)
     for lo in range(0, len(data), batch):
         images = data.images[lo : lo + batch].to(device)
         masks = data.masks[lo : lo + batch].to(device)
+        started = _clock(device)
         encoded = model.encode(images) if split else None
+        encode_seconds = _clock(device) - started
         encode_flops = model.encode_flops(*images.shape[-2:]) if split else 0
         for k, values in enumerate(resolved):
+            started = _clock(device)
             out = model.decode(encoded, **values) if split else model.predict(images, **values)
+            seconds[k] += encode_seconds + _clock(device) - started
             labels = out.logits.argmax(dim=1)
             for c in range(n):
                 predicted, truth = labels == c, masks == c
@@ -83,12 +139,15 @@ def sweep(
                     counted[k][name][1] += float(pair[:, 1].sum())
             if out.flops is not None:
                 flops[k] += float(out.flops.sum()) + encode_flops * images.shape[0]
+    timing = Timing(cpu_name(), torch.get_num_threads(), device.type)
     return [
         SweepRow(
             values,
             [_dice(row) for row in counts[k]],
             {name: (c / t if t else 0.0) for name, (c, t) in counted[k].items()},
             flops[k] / max(1, len(data)) / 1e9,
+            1e3 * seconds[k] / max(1, len(data)),
+            timing,
         )
         for k, values in enumerate(resolved)
     ]
@@ -111,8 +170,9 @@ def value_text(value: object) -> str:
 def table(
     rows: list[SweepRow], class_names: list[str], model: SegmentationModel | None = None
 ) -> str:
-    """A Markdown table: one column per setting, Dice per foreground class, the counters and
-    GFLOP per slice (labels from the model's declarations where given)."""
+    """A Markdown table: one column per setting, Dice per foreground class, the counters,
+    GFLOP and ms per slice (labels from the model's declarations where given), and a line
+    saying where the milliseconds were measured."""
     names = class_names[1:]
     settings = list(rows[0].settings) if rows else []
     counters = list(rows[0].counters) if rows else []
@@ -125,9 +185,9 @@ def table(
         + " | ".join(f"Dice {n}" for n in names)
         + " | mean Dice | "
         + "".join(f"{labels.get(c, c)} | " for c in counters)
-        + "GFLOP per slice |"
+        + "GFLOP per slice | ms per slice |"
     )
-    lines = [head, "|" + "---|" * (len(settings) + len(names) + len(counters) + 2)]
+    lines = [head, "|" + "---|" * (len(settings) + len(names) + len(counters) + 3)]
     for r in rows:
         lines.append(
             "| "
@@ -136,8 +196,16 @@ def table(
             + " | ".join(f"{d:.3f}" for d in r.dice[1:])
             + f" | {r.mean_foreground:.3f} | "
             + "".join(f"{100 * r.counters[c]:.1f} % | " for c in counters)
-            + f"{r.gflops:.1f} |"
+            + f"{r.gflops:.1f} | {r.ms_per_slice:.0f} |"
         )
+    timing = rows[0].timing if rows else None
+    if timing is not None:
+        lines += [
+            "",
+            f"ms per slice: {timing.text()}, of the model's passes only (encode once per "
+            "batch, shared by the settings, plus each setting's decode); settings interleaved "
+            "batch by batch; other work on the machine adds to it.",
+        ]
     return "\n".join(lines)
 
 
@@ -153,6 +221,10 @@ def write_csv(rows: list[SweepRow], class_names: list[str], path: Path) -> None:
                 "mean_foreground_dice",
                 *counters,
                 "gflops_per_slice",
+                "wall_ms_per_slice",
+                "threads",
+                "device",
+                "machine",
             ]
         )
         for r in rows:
@@ -163,6 +235,12 @@ def write_csv(rows: list[SweepRow], class_names: list[str], path: Path) -> None:
                     f"{r.mean_foreground:.5f}",
                     *(f"{r.counters[c]:.5f}" for c in counters),
                     f"{r.gflops:.3f}",
+                    f"{r.ms_per_slice:.2f}",
+                    *(
+                        (r.timing.threads, r.timing.device, r.timing.machine)
+                        if r.timing
+                        else ("", "", "")
+                    ),
                 ]
             )
 
