@@ -62,7 +62,7 @@ def statistics_of(result, class_names: Sequence[str], voxel_mm3: float | None) -
     return {
         "slices": stats.slices,
         "counters": {name: counter_fraction(stats, name) for name in stats.labels},
-        "gflops": round(stats.gflops, 3),
+        "gflops": None if stats.gflops is None else round(stats.gflops, 3),  # None: not counted
         "gflops_unpruned": round(stats.gflops_unpruned, 3),
         "seconds": round(stats.seconds, 3),
         "ms_per_slice": round(stats.ms_per_slice, 1),

@@ -388,9 +388,12 @@ class Segmenter:
             else:
                 out = self.model.predict(inputs, want_attention, **result.settings)
                 extra = [0] * len(batch)
-        flops = [int(f) + e for f, e in zip(_per_image(out.flops, len(batch)), extra, strict=True)]
-        full = _per_image(out.full_flops, len(batch)) if out.full_flops is not None else None
-        flops[0] += spent
+        flops: list[int] | None = None  # None: the family counts no FLOPs (unknown, not 0)
+        full: list[int] | None = None
+        if out.flops is not None:
+            flops = [int(f) + e for f, e in zip(_per_image(out.flops), extra, strict=True)]
+            flops[0] += spent
+            full = _per_image(out.full_flops) if out.full_flops is not None else list(flops)
         logits = box.to_image(out.logits.float())
 
         def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -400,7 +403,7 @@ class Segmenter:
             batch=batch,
             hits=hits,
             flops=flops,
-            full_flops=full or list(flops),
+            full_flops=full,
             labels=to_host(logits.argmax(dim=1).to(_label_tensor_dtype(self.model.n_classes))),
             probabilities=(
                 to_host(torch.softmax(logits, dim=1)) if result.probabilities is not None else None
@@ -455,9 +458,11 @@ class Segmenter:
             for name, pair in launched.counters.items():
                 stats.add(name, int(pair[j, 0]), int(pair[j, 1]))
             stats.slices += 1
-            stats.flops += launched.flops[j]
-            stats.flops_full += launched.full_flops[j]
-            stats.flops_unpruned += reference
+            stats.add_flops(
+                None if launched.flops is None else launched.flops[j],
+                None if launched.full_flops is None else launched.full_flops[j],
+                reference,
+            )
             stats.encoder_cache_hits += int(launched.hits[j])
         result.attention_states.update(launched.attention)
 
@@ -482,9 +487,7 @@ class Segmenter:
         )
 
 
-def _per_image(values: torch.Tensor | None, batch: int) -> list[int]:
-    if values is None:
-        return [0] * batch
+def _per_image(values: torch.Tensor) -> list[int]:
     return [int(f) for f in values.tolist()]
 
 
@@ -499,8 +502,8 @@ class _Launched:
 
     batch: list[int]
     hits: list[bool]
-    flops: list[int]  # per slice: what this run spent on it
-    full_flops: list[int]  # per slice: a plain pass at these settings
+    flops: list[int] | None  # per slice: what this run spent on it (None: not counted)
+    full_flops: list[int] | None  # per slice: a plain pass at these settings
     labels: torch.Tensor  # (B, H, W)
     probabilities: torch.Tensor | None  # (B, K, H, W)
     maps: dict[str, torch.Tensor]  # name -> (B, rows, cols)

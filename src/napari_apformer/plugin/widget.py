@@ -43,7 +43,7 @@ from qtpy.QtCore import QCoreApplication, QEvent, Qt, QThreadPool, QTimer
 from qtpy.QtWidgets import QSizePolicy
 
 from napari_apformer.engine.device import available_devices
-from napari_apformer.engine.stats import RunStats
+from napari_apformer.engine.stats import NOT_COUNTED, RunStats
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import MapSpec, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
@@ -1168,15 +1168,13 @@ def cost_lines(stats: RunStats) -> list[str]:
         how = "a rerun, encoder from the cache"
     else:
         how = "nothing cached for this slice yet"
-    lines = [
-        f"this run: {stats.gflops:.1f} GFLOP, {1000 * stats.seconds:.0f} ms on "
-        f"{stats.device} ({how})"
-    ]
+    spent = NOT_COUNTED if stats.gflops is None else f"{stats.gflops:.1f} GFLOP"
+    lines = [f"this run: {spent}, {1000 * stats.seconds:.0f} ms on {stats.device} ({how})"]
     # A full pass at the run's settings, once the engine reports it (0: not reported).
-    full = getattr(stats, "flops_full", 0)
+    full = stats.gflops_full
     if full:
         lines.append(
-            f"a full pass at these settings: {full / 1e9 / max(1, stats.slices):.1f} GFLOP "
+            f"a full pass at these settings: {full / max(1, stats.slices):.1f} GFLOP "
             f"(unpruned: {stats.gflops_unpruned / max(1, stats.slices):.1f})"
         )
     else:
@@ -1203,11 +1201,15 @@ def volume_readout(result, done: int, total: int) -> list[str]:
         if spec.kind == "mask":
             cells = image_cells(result.letterbox, spec.stride)
             on_image[spec.label] = float(np.mean(result.maps[spec.name][:done][:, cells]))
-    per_slice = stats.gflops / max(1, stats.slices)
+    slices = max(1, stats.slices)
+    unpruned = f"unpruned: {stats.gflops_unpruned / slices:.1f}"
+    cost = (
+        f"{NOT_COUNTED} ({unpruned} GFLOP per slice)"
+        if stats.gflops is None
+        else f"{stats.gflops / slices:.1f} GFLOP per slice ({unpruned})"
+    )
     return [
         f"volume: {done} of {total} slices",
         *counters_text(stats, on_image if done else {}),
-        f"{per_slice:.1f} GFLOP per slice (unpruned: "
-        f"{stats.gflops_unpruned / max(1, stats.slices):.1f}), {stats.ms_per_slice:.0f} ms per "
-        f"slice on {stats.device}",
+        f"{cost}, {stats.ms_per_slice:.0f} ms per slice on {stats.device}",
     ]
