@@ -19,6 +19,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, Table
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QStyledItemDelegate
 
 from napari_apformer.errors import InputError
 from napari_apformer.plugin.layer_metadata import class_table_of
@@ -188,6 +189,9 @@ class EvaluatePanel(Container):
         self.status = Label(value="")
         self.table = Table(value={"data": [], "columns": table_value([], "mm")["columns"]})
         self.table.read_only = True
+        # Cells as formatted here (magicgui's delegate would show every number with 4
+        # decimals and drop the sign of a volume difference).
+        self.table.native.setItemDelegate(QStyledItemDelegate(self.table.native))
         self.save_button = PushButton(text="Save CSV...", enabled=False)
         self.extend(
             [
@@ -267,6 +271,7 @@ class EvaluatePanel(Container):
             return
         self.rows = rows
         self.table.value = table_value(rows, self.request.unit)
+        self.table.native.resizeColumnsToContents()
         request = self.request
         note = "" if request.unit == "mm" else f"; spacing in {request.unit}, volumes not known"
         self.status.value = (
