@@ -106,6 +106,7 @@ SMALL_APFORMER = {
 SMALL = {
     "apformer": SMALL_APFORMER,
     "mobileutr": {"depths": [1, 1, 1, 1, 1]},  # the default widths: its tensors give its heads
+    "mobileutr-ap": {"depths": [1, 1, 1, 1, 2]},  # two pruned blocks: per-layer gates
     "toy-conv": {"width": 5},
 }
 

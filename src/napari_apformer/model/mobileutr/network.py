@@ -230,23 +230,30 @@ class MobileUtr(SegmentationModel):
         rows, cols = (int(v) for v in grid)
         if not 0 <= token < rows * cols:
             raise InputError(f"query token {token} is outside the {rows} x {cols} token grid")
-        r, c = divmod(token, cols)
         blocks = [*self.lklgl_bottleneck, *self.transformer_bottleneck]
-        out = []
-        for block, layer_tokens in zip(blocks, tokens, strict=True):
-            attn = block.SelfAttn.attn
-            if attn.sample == 1:
-                query = torch.tensor([token], device=layer_tokens.device)
-                out.append(attn.query_rows(layer_tokens, query)[:, 0])
-                continue
-            s = attn.sample
-            sampled_cols = cols // s
-            query = torch.tensor([(r // s) * sampled_cols + c // s], device=layer_tokens.device)
-            row = attn.query_rows(layer_tokens, query)[:, 0].unflatten(1, (rows // s, -1))
-            spread = row.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2) / (s * s)
-            out.append(spread.flatten(1))
+        out = [
+            self.layer_attention(block, layer_tokens, token, rows, cols)
+            for block, layer_tokens in zip(blocks, tokens, strict=True)
+        ]
         after = torch.stack(out)
         return after, after.clone()
+
+    @staticmethod
+    def layer_attention(
+        block: LGLBlock, layer_tokens: torch.Tensor, token: int, rows: int, cols: int
+    ) -> torch.Tensor:
+        """(heads, rows * cols) attention of the query at `token` in one bottleneck block,
+        from the tokens it traced (see query_attention)."""
+        attn = block.SelfAttn.attn
+        if attn.sample == 1:
+            query = torch.tensor([token], device=layer_tokens.device)
+            return attn.query_rows(layer_tokens, query)[:, 0]
+        s = attn.sample
+        r, c = divmod(token, cols)
+        query = torch.tensor([(r // s) * (cols // s) + c // s], device=layer_tokens.device)
+        row = attn.query_rows(layer_tokens, query)[:, 0].unflatten(1, (rows // s, -1))
+        spread = row.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2) / (s * s)
+        return spread.flatten(1)
 
     # -- the network ---------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

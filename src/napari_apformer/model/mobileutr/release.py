@@ -19,6 +19,7 @@ OURS = "lklgl_bottleneck."
 ALIASES = ("adaptive_lgl_bottleneck.",)
 SIGNATURE = ("patch_embeddings.", OURS, "transformer_bottleneck.", "expend_dims.", "reduce_dims.")
 STEM = "patch_embeddings.stem.0.weight"
+PRUNING_HEAD = "pred_class.weight"  # mobileutr-ap's (see pruned_network.py)
 # Where each width can be read: (key, axis), the first present wins (a missing stage is then
 # reported by the strict load, which names its tensors).
 WIDTHS = (
@@ -52,8 +53,16 @@ def to_our_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def recognise(state: Mapping[str, torch.Tensor]) -> dict | None:
     """{in_channels, n_classes, variant, sizes} of a MobileUtr state_dict in our names, None
-    if the keys are not MobileUtr's. Sizes the tensors do not give are None (from_sizes then
-    says what is missing); the in_channels of a 3-channel stem is 3, whatever the data."""
+    if the keys are not MobileUtr's (or are mobileutr-ap's, which has a pruning head). Sizes
+    the tensors do not give are None (from_sizes then says what is missing); the in_channels
+    of a 3-channel stem is 3, whatever the data."""
+    if PRUNING_HEAD in state:
+        return None
+    return architecture_of(state)
+
+
+def architecture_of(state: Mapping[str, torch.Tensor]) -> dict | None:
+    """recognise's answer for MobileUtr's own tensors, whatever else the state holds."""
     from napari_apformer.model.mobileutr.network import MobileUtr
 
     if not any(key.startswith(SIGNATURE) for key in state):
