@@ -279,7 +279,7 @@ def test_messages_put_the_problem_first_and_the_card_says_what_the_weights_are_f
         "too small (/data/a.nii)"
     )
     widget = open_widget(viewer, qtbot)
-    assert "one averaged brain" in widget.weights_about.value
+    assert "one averaged brain" in widget.weights_about.tooltip  # the card's whole description
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     widget.weights_file.value = tmp_path / "bad.safetensors"
     widget.weights_choice.value = widget_module.OTHER_WEIGHTS

@@ -35,6 +35,8 @@ MASK_MIN_DISTANCE = 120.0  # in RGB units (0..255 per channel)
 KIND_COLORMAPS = {"probability": "viridis", "fraction": "viridis"}
 UNIFORM = 1.0  # attention in multiples of uniform: at or below this it is transparent
 SEGMENTATION, ATTENTION, QUERY = "segmentation", "attention", "query point"
+CHANGED = "changed by pruning"  # pixels whose label an unpruned pass gives otherwise
+CHANGED_COLOURS = ("#ff00ff", "#00ff00", "#ff0000")  # the first far from every class colour
 OUTPUT_KEY = "napari_apformer_output"  # in the metadata of every layer made here: its role
 CONTOUR = 1  # segmentation outline width (pixels) while the attention is shown
 
@@ -51,6 +53,25 @@ def mask_colour(table: Sequence[dict] = ()) -> str:
         if distance > best_distance:
             best, best_distance = colour, distance
     return best
+
+
+def changed_table(classes: Sequence[dict] = ()) -> list[dict]:
+    """Classes of the "changed by pruning" layer: one value, in a colour far from the
+    classes' (what it marks lies on top of the segmentation)."""
+    taken = [_rgb255(c["colour"]) for c in classes if c.get("value", 1) != 0]
+    colour = next(
+        (
+            c
+            for c in CHANGED_COLOURS
+            if min((float(np.linalg.norm(_rgb255(c) - t)) for t in taken), default=np.inf)
+            >= MASK_MIN_DISTANCE
+        ),
+        CHANGED_COLOURS[0],
+    )
+    return [
+        {"value": 0, "name": "same label unpruned", "colour": "#000000"},
+        {"value": 1, "name": CHANGED, "colour": colour},
+    ]
 
 
 def mask_table(spec: MapSpec, classes: Sequence[dict] = ()) -> list[dict]:
@@ -169,6 +190,44 @@ class OutputLayers:
             self._slice_layer(image, maps, role, spec, plane, table)
         for role in [r for r in self._layers if r.startswith("map:") and r not in roles]:
             self.remove(role)  # maps of weights used before, which these do not declare
+
+    def show_changed(
+        self,
+        image: ImageSource,
+        maps: SliceMaps,
+        changed: np.ndarray | None,
+        classes: Sequence[dict],
+    ) -> None:
+        """The pixels of the slice whose label differs from an unpruned pass (1), one slice
+        thick like the maps; hidden when first made (the read-out gives the share). None:
+        the model has no pruning to compare with, and the layer goes."""
+        if changed is None:
+            self.remove(CHANGED)
+            return
+        data = changed.astype(np.uint8).reshape(image.slice_shape_for_layer(maps.axis))
+        scale, translate = image.slice_placement(maps.axis, maps.index)
+        table = changed_table(classes)
+        layer = self.get(CHANGED)
+        if layer is not None and layer.data.shape == data.shape:
+            if layer.metadata.get(CLASSES_KEY) != table:
+                _set_classes(layer, table)
+            _update_in_place(layer, data, translate)
+            return
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        layer = self.viewer.add_labels(
+            data,
+            name=self.name(CHANGED),
+            scale=scale,
+            translate=translate,
+            axis_labels=image.axis_labels,
+            units=image.units,
+            metadata={OUTPUT_KEY: CHANGED},
+            opacity=0.8,
+            visible=False,
+        )
+        _set_classes(layer, table)
+        self._layers[CHANGED] = layer
 
     def show_attention(
         self,

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,19 @@ from napari_apformer.engine.inference import (
 )
 from napari_apformer.engine.preprocess import Letterbox, PreparedImage
 from napari_apformer.engine.stats import RunStats
-from napari_apformer.model.base import MapSpec, QueryAttention, Setting, SettingValue
+from napari_apformer.model.base import (
+    MapSpec,
+    QueryAttention,
+    SegmentationModel,
+    Setting,
+    SettingValue,
+)
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import load_model
 from napari_apformer.plugin.image_source import ImageSource
 from napari_apformer.plugin.layers import SliceMaps
+
+UNPRUNED_SLICES = 64  # unpruned labels kept (one small array per slice)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,11 @@ class LiveOutcome:
     card: ModelCard
     notices: list[str]  # the device ran out of memory or failed (see Segmenter._recover)
     attention: QueryView | None = None  # only for a model that offers QueryAttention
+    params: int = 0  # the model's parameter count
+    # Pixels of the shown slice whose label differs from an unpruned pass (h, w) bool, and
+    # the settings of that pass; None for a model without pruning settings.
+    changed: np.ndarray | None = None
+    unpruned: dict[str, SettingValue] | None = None
 
 
 class Session:
@@ -100,6 +115,10 @@ class Session:
         self._prepared: dict[tuple, PreparedImage] = {}
         # The last live run, for new query points.
         self._last_live: tuple[LiveOutcome, SegmentationResult, Segmenter] | None = None
+        # Labels of unpruned passes by weights, device, letterbox and slice pixels (see
+        # unpruned_labels): one pass per slice, whatever the sliders do afterwards.
+        self._unpruned: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.unpruned_runs = 0  # passes run (not taken from _unpruned), for tests
 
     def segmenter(self, settings: Settings) -> Segmenter:
         key = (settings.weights, settings.device)
@@ -107,6 +126,7 @@ class Session:
             if key not in self._segmenters:
                 self._segmenters.clear()  # one model in memory at a time
                 self._prepared.clear()
+                self._unpruned.clear()
                 self._last_live = None
                 self._segmenters[key] = Segmenter(load_model(settings.weights), settings.device)
             return self._segmenters[key]
@@ -116,6 +136,7 @@ class Session:
         closing never waits for a batch; a run still going keeps what it holds until it ends."""
         self._segmenters.clear()
         self._prepared.clear()
+        self._unpruned.clear()
         self._last_live = None
 
     def describe(self, settings: Settings) -> ModelInfo:
@@ -161,11 +182,20 @@ class Session:
                 **settings.values,
             ).finish()
             image = request.image
-            labels = image.plane_to_display(prepared_slice(result.labels, prepared, request.index))
+            plane = prepared_slice(result.labels, prepared, request.index)
+            labels = image.plane_to_display(plane)
             view = None
             if watch:
                 query = request.query or foreground_centre(labels)
                 view = _query_view(segmenter, result, image, request.index, query)
+            unpruned = unpruned_values(segmenter.model)
+            changed = None
+            if unpruned is not None:
+                if _same_settings(result.settings, unpruned):
+                    reference = plane  # this run is the unpruned pass
+                else:
+                    reference = self.unpruned_labels(segmenter, prepared, request.index, unpruned)
+                changed = image.plane_to_display(plane != reference)
         maps = SliceMaps(
             request.axis,
             request.index,
@@ -182,9 +212,41 @@ class Session:
             segmenter.card,
             result.notices,
             view,
+            model_params(segmenter.model),
+            changed,
+            unpruned,
         )
         self._last_live = (outcome, result, segmenter)
         return outcome
+
+    def unpruned_labels(
+        self,
+        segmenter: Segmenter,
+        prepared: PreparedImage,
+        index: int,
+        unpruned: dict[str, SettingValue],
+    ) -> np.ndarray:
+        """Labels of slice `index` (on the model slice's axes) from a pass with `unpruned`
+        settings, run once per weights, device and slice pixels. Call it with the lock held,
+        after a live run of that slice filled the encoder cache: this pass then decodes only,
+        and leaves the cache as the live run prepared it (cache=False)."""
+        pixels = np.ascontiguousarray(prepared.slice_input(index))
+        key = (
+            segmenter.card.sha256 or segmenter.card.name,
+            str(segmenter.device),
+            prepared.letterbox,
+            blake2b(pixels, digest_size=16).digest(),
+        )
+        if key in self._unpruned:
+            self._unpruned.move_to_end(key)
+            return self._unpruned[key]
+        result = segmenter.start(prepared, slices=[index], cache=False, **unpruned).finish()
+        labels = prepared_slice(result.labels, prepared, index).copy()
+        self.unpruned_runs += 1
+        self._unpruned[key] = labels
+        while len(self._unpruned) > UNPRUNED_SLICES:
+            self._unpruned.popitem(last=False)
+        return labels
 
     def attention_at(self, outcome: LiveOutcome, query: tuple[float, float]) -> QueryView | None:
         """The attention of another query point in the last live run (no rerun of the model,
@@ -230,6 +292,27 @@ def _query_view(
     token = box.grid_index(*image.point_to_model(*query), stride)
     after, before = segmenter.attention(result, index, token)
     return QueryView(query, image.plane_to_display(after), image.plane_to_display(before), stride)
+
+
+def unpruned_values(model: SegmentationModel) -> dict[str, SettingValue] | None:
+    """The settings of the pass that labels are compared with: what the model says prunes
+    nothing (`unpruned_settings`), its weights' own values for the other settings (fixed, so
+    that moving a slider never asks for another unpruned pass). None for a model without
+    settings or without anything to switch off (nothing to compare)."""
+    unpruned = model.unpruned_settings()
+    if not model.settings() or not unpruned:
+        return None
+    return model.resolve_settings({**model.defaults(), **unpruned})
+
+
+def _same_settings(a: Mapping[str, SettingValue], b: Mapping[str, SettingValue]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(np.allclose(np.asarray(a[k], float), np.asarray(b[k], float)) for k in a)
+
+
+def model_params(model: SegmentationModel) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def shown_letterbox(box: Letterbox, image: ImageSource) -> Letterbox:

@@ -16,8 +16,10 @@ newest settings, and a result older than the newest request is never shown.
 from __future__ import annotations
 
 import atexit
+import html
 import itertools
 import logging
+import re
 import weakref
 from functools import partial
 from pathlib import Path
@@ -47,6 +49,7 @@ from napari_apformer.engine.stats import NOT_COUNTED, RunStats
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import MapSpec, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
+from napari_apformer.plugin import settings_store
 from napari_apformer.plugin.adapt import AdaptPanel
 from napari_apformer.plugin.image_source import ImageSource, image_source
 from napari_apformer.plugin.layer_metadata import (
@@ -81,6 +84,8 @@ PROBABILITY_BINS = (0.1, 0.5, 0.9, 0.99)
 REFERENCE_THRESHOLD = 0.5
 DEBOUNCE_MS = 0  # merges events queued together; changes during a run merge into one rerun
 EXIT_WAIT_MS = 120_000  # at interpreter exit: the longest wait for a run to stop
+SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[a-zA-Z]\.[a-zA-Z]\.)\s+(?=[A-Z])")
+REMEMBER_MS = 500  # remembered settings are written this long after the last change
 log = logging.getLogger(__name__)
 # Widgets not shut down yet and the workers they started, for the interpreter's exit.
 _open_widgets: weakref.WeakSet[APFormerWidget] = weakref.WeakSet()
@@ -184,6 +189,15 @@ class APFormerWidget(Container):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._start_live)
+        # Choices of the last session: weights and device now, the settings once their
+        # controls exist (_restore_settings); saved a moment after each change.
+        self._remembered = settings_store.load()
+        self._restoring = self._restore_choices(self._remembered)
+        self._to_save: settings_store.Remembered | None = None
+        self._save_timer = QTimer(self.native)
+        self._save_timer.setSingleShot(True)
+        self._save_timer.setInterval(REMEMBER_MS)
+        self._save_timer.timeout.connect(self._save_remembered)
         self._connect_events()
         self._on_weights_changed()
         self._on_image_changed()
@@ -216,7 +230,7 @@ class APFormerWidget(Container):
             "or the authors' .pth checkpoint.",
         )
         self.weights_about = Label(label="about", value="")
-        self.weights_about.tooltip = "What the weights' card says they were made for."
+        self.weights_about.tooltip = "What the weights' card says they were (not) made for."
         self.device_choice = ComboBox(
             label="device",
             choices=["auto", *available_devices()],
@@ -297,7 +311,10 @@ class APFormerWidget(Container):
         self.readout = Label(label="result", value="not run yet")
         self.readout.tooltip = (
             "What the last run did: how much of the image the model kept, what it cost in "
-            "operations (GFLOP) and time."
+            "operations (GFLOP) and time, the model's size (for compressed weights, against "
+            "the weights they came from, and the widths each layer kept), and how many "
+            "pixels' labels differ from a pass that prunes nothing (those pixels: the "
+            "hidden 'changed by pruning' layer)."
         )
         # Word wrap first: the scroll area takes its minimum width from the first layout.
         for label in (
@@ -364,8 +381,10 @@ class APFormerWidget(Container):
                     position += 1
             for slider in controls.sliders:
                 slider.changed.connect(self._request_live)
+                slider.changed.connect(self._remember)
             if controls.per_layer is not None:
                 controls.per_layer.changed.connect(partial(self._on_per_layer_changed, controls))
+                controls.per_layer.changed.connect(self._remember)
             self.setting_controls[setting.name] = controls
         if self._distribution is None:
             self.insert(position, self.distribution)
@@ -389,6 +408,8 @@ class APFormerWidget(Container):
         self.weights_choice.changed.connect(self._on_weights_changed)
         self.weights_file.changed.connect(self._on_weights_changed)
         self.device_choice.changed.connect(self._request_live)
+        for control in (self.weights_choice, self.weights_file, self.device_choice):
+            control.changed.connect(self._remember)
         self.axis_choice.changed.connect(self._on_axis_changed)
         self.attention_layer.changed.connect(self._show_attention)
         self.attention_head.changed.connect(self._show_attention)
@@ -559,6 +580,8 @@ class APFormerWidget(Container):
             return
         self._set_text(self.weights_about, card_about(card) if card is not None else "")
         if card is not None:
+            self.weights_about.tooltip = card_details(card)
+        if card is not None:
             self._set_text(self.legend, legend_html(card.class_table()))
             if card.placeholder:
                 show_warning(
@@ -602,14 +625,22 @@ class APFormerWidget(Container):
             return
         self._model_info = info
         self._build_setting_controls(info)
+        if self._restoring:
+            self._restore_settings(info)
+        else:
+            self._remember()  # the controls of these weights, maybe with their defaults
         self._set_text(self.legend, legend_html(info.card.class_table()))
         self._set_text(self.weights_about, card_about(info.card))
+        self.weights_about.tooltip = card_details(info.card)
         self._request_live()
 
     def _on_model_finished(self) -> None:
         self._model_worker = None
         if self._closed:
             return
+        if self._restoring and not self._model_pending:
+            self._restoring = False  # restored, or the weights did not load: defaults
+            self._remember()
         if self._model_pending:
             self._load_model()
         elif self._live_pending:
@@ -656,6 +687,71 @@ class APFormerWidget(Container):
             yield
         if not dragged:
             self.set_query(position)
+
+    # --------------------------------------------------------------- remembered settings
+    def _restore_choices(self, remembered: settings_store.Remembered) -> bool:
+        """Weights and device of the last session where they are still there (else the
+        defaults stay). True when settings wait for the controls of those weights."""
+        names = self._weights_names()
+        if remembered.weights == OTHER_WEIGHTS:
+            path = Path(remembered.weights_file) if remembered.weights_file else None
+            if path is None or not path.is_file():
+                return False
+            self.weights_file.value = path
+            self.weights_choice.value = OTHER_WEIGHTS
+        elif remembered.weights in names:
+            self.weights_choice.value = remembered.weights
+        else:
+            return False
+        if remembered.device in self.device_choice.choices:
+            self.device_choice.value = remembered.device
+        return bool(remembered.settings or remembered.per_layer)
+
+    def _restore_settings(self, info: ModelInfo) -> None:
+        """The remembered values on the new controls; a value the weights' model does not
+        take (unknown, out of range, wrong number of layers) keeps its default."""
+        remembered = self._remembered
+        for setting in info.settings:
+            controls = self.setting_controls[setting.name]
+            if controls.per_layer is not None:
+                controls.per_layer.value = bool(remembered.per_layer.get(setting.name, False))
+                controls.show_per_layer()
+            if setting.name not in remembered.settings:
+                continue
+            try:
+                value = setting.check(remembered.settings[setting.name])
+            except InputError:
+                continue
+            controls.set_values(value)
+
+    def _remember(self, *_: object) -> None:
+        """Note what the controls show now; written REMEMBER_MS after the last change (a
+        slider drag is one write). Nothing while the last session's choices are restored."""
+        if self._closed or self._restoring:
+            return
+        weights = str(self.weights_choice.value)
+        file = self.weights_file.value
+        remembered = settings_store.Remembered(
+            weights=weights,
+            weights_file=str(file) if weights == OTHER_WEIGHTS and file else None,
+            device=str(self.device_choice.value),
+        )
+        try:
+            ready = self._controls_ready(self.weights_path())
+        except InputError:
+            ready = False
+        if ready:  # else the controls are still those of the weights before
+            for name, controls in self.setting_controls.items():
+                remembered.settings[name] = controls.value()
+                if controls.per_layer is not None:
+                    remembered.per_layer[name] = bool(controls.per_layer.value)
+        self._to_save = remembered
+        self._save_timer.start()
+
+    def _save_remembered(self) -> None:
+        remembered, self._to_save = self._to_save, None
+        if remembered is not None:
+            settings_store.save(remembered)
 
     # ------------------------------------------------------------------------- live runs
     def _request_live(self, *_: object, force: bool = False) -> None:
@@ -721,6 +817,7 @@ class APFormerWidget(Container):
         had_layers = outputs.get("segmentation") is not None
         with self.adapt.corrections_kept(outputs.get("segmentation")):
             outputs.show_slice(image, outcome.maps, table, card.n_classes)
+        outputs.show_changed(image, outcome.maps, outcome.changed, table)
         self._set_text(self.legend, legend_html(table))
         self._note_live_plane(outputs, outcome)
         self._set_text(self.readout, self._readout(outcome))
@@ -746,7 +843,9 @@ class APFormerWidget(Container):
             show_warning(f"APFormer: {mixed_planes_note(seg.metadata)}")
 
     def _readout(self, outcome: LiveOutcome) -> str:
-        lines = live_readout(outcome)
+        info = self._model_info
+        labels = {s.name: s.label for s in info.settings} if info is not None else {}
+        lines = live_readout(outcome, labels)
         seg = self._outputs_for(self.image_choice.value, outcome.request.image).get("segmentation")
         note = mixed_planes_note(seg.metadata) if seg is not None else None
         if note is not None and "mixes" in note:
@@ -993,6 +1092,9 @@ class APFormerWidget(Container):
         _open_widgets.discard(self)
         if _qt_alive(self._timer):
             self._timer.stop()
+        if _qt_alive(self._save_timer):
+            self._save_timer.stop()
+        self._save_remembered()  # a change made just before closing
         for worker in (self._live_worker, self._volume_worker):
             if worker is not None:
                 worker.quit()
@@ -1110,15 +1212,46 @@ def attention_legend(which: str, peak: float, tokens: int) -> str:
 
 
 def card_about(card: ModelCard) -> str:
-    """What the weights' card says they are for (their limits included)."""
+    """What the weights' card says they are for, and its limits (what they were not made
+    for), as rich text."""
     if card.placeholder:
-        return "Random placeholder weights, not trained: their labels mean nothing."
+        about = "Random placeholder weights, not trained: their labels mean nothing."
+    elif card.description:
+        about = f"<b>Made for:</b> {html.escape(first_sentence(card.description))}"
+    else:
+        about = (
+            "No description: weights without a model card. Class names are numbered and "
+            "nothing is known about what they were trained on."
+        )
+    if card.limits:
+        about += "<br><b>Not made for:</b>" + "".join(
+            f"<br>&bull; {html.escape(limit_head(line))}" for line in card.limits
+        )
+    return about
+
+
+def first_sentence(text: str) -> str:
+    """The description's first sentence (the rest is in the about label's tooltip); "e.g."
+    and "i.e." end none."""
+    return SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+
+
+def limit_head(limit: str) -> str:
+    """A limit up to its first colon (what follows explains it; the about label's tooltip
+    has it all): napari docks the widget without a scroll area, so it is as tall as its
+    texts, and they stay short."""
+    head = limit.split(":", 1)[0].strip()
+    return head if head else limit
+
+
+def card_details(card: ModelCard) -> str:
+    """The about label's tooltip: the description and every limit in full."""
+    text = "What the weights' card says they were made for."
     if card.description:
-        return card.description
-    return (
-        "No description: weights without a model card. Class names are numbered and "
-        "nothing is known about what they were trained on."
-    )
+        text = card.description
+    if card.limits:
+        text += "\n\nNot made for:" + "".join(f"\n- {line}" for line in card.limits)
+    return text
 
 
 def message_of(error: BaseException) -> str:
@@ -1184,11 +1317,89 @@ def cost_lines(stats: RunStats) -> list[str]:
     return lines
 
 
-def live_readout(outcome: LiveOutcome) -> list[str]:
+def count_text(count: float) -> str:
+    if count >= 1e6:
+        return f"{count / 1e6:.2f} M"
+    return f"{count / 1e3:.1f} k" if count >= 1e4 else f"{count:.0f}"
+
+
+def model_size_text(card: ModelCard, params: int) -> str:
+    """The model's parameter count; for weights made by `apformer compress` (the card's
+    `training.compression`), against the weights they were compressed from, with what each
+    layer kept."""
+    compression = card.training.get("compression") if isinstance(card.training, dict) else None
+    base = compression.get("base_params") if isinstance(compression, dict) else None
+    if not isinstance(base, int | float) or base <= 0:
+        return f"model: {count_text(params)} parameters"
+    name = html.escape(str(compression.get("base_weights") or "its base weights"))
+    text = (
+        f"compressed from {name}: {count_text(params)} of {count_text(base)} parameters "
+        f"({100 * params / base:.1f} %)"
+    )
+    kept = kept_widths_text(compression)
+    return f"{text}; kept per layer: {kept}" if kept else text
+
+
+def kept_widths_text(compression: dict) -> str:
+    """Per searchable dimension (by the short form of its card label): the units each
+    layer kept, e.g. "head channels 127, 86, 90, 101; MLP hidden units 345, 306, 280, 290".
+    Empty for a card without per-layer counts."""
+    layers = compression.get("layers")
+    dimensions = compression.get("dimensions")
+    if not isinstance(layers, list) or not layers or not isinstance(dimensions, dict):
+        return ""
+    parts = []
+    for name, about in dimensions.items():
+        counts = [
+            layer.get(f"kept_{name}") if isinstance(layer, dict) else None for layer in layers
+        ]
+        if not all(isinstance(c, int) for c in counts):
+            continue
+        label = about.get("label", name) if isinstance(about, dict) else name
+        label = html.escape(str(label).split(" (")[0])
+        parts.append(f"{label} {', '.join(str(c) for c in counts)}")
+    return "; ".join(parts)
+
+
+def settings_text(values: dict[str, SettingValue], labels: dict[str, str]) -> str:
+    """ "token threshold 1, dependency gate -2" (a per-layer setting with one value for all
+    layers shows it once)."""
+    parts = []
+    for name, value in values.items():
+        numbers = list(value) if isinstance(value, list | tuple) else [value]
+        if len(set(numbers)) == 1:
+            numbers = numbers[:1]
+        shown = ", ".join(f"{float(v):g}" for v in numbers)
+        parts.append(f"{labels.get(name, name)} {shown}")
+    return ", ".join(parts)
+
+
+def changed_text(outcome: LiveOutcome, labels: dict[str, str] | None = None) -> list[str]:
+    """The share of the slice's pixels whose label the unpruned pass gives otherwise, and
+    against which settings (those of that pass that differ from this run's); no line for a
+    model without pruning settings."""
+    if outcome.changed is None or outcome.unpruned is None:
+        return []
+    share = 100 * float(np.mean(outcome.changed)) if outcome.changed.size else 0.0
+    differ = {
+        name: value
+        for name, value in outcome.unpruned.items()
+        if not np.allclose(
+            np.asarray(value, float), np.asarray(outcome.settings.get(name, value), float)
+        )
+    }
+    against = f"vs. {settings_text(differ, labels or {})}" if differ else "unpruned settings"
+    return [f"labels changed by pruning: {share:.1f} % of the image's pixels ({against})"]
+
+
+def live_readout(outcome: LiveOutcome, labels: dict[str, str] | None = None) -> list[str]:
+    """labels: setting name -> its label (the sliders' names)."""
     return [
         f"slice {outcome.request.index}",
         *counters_text(outcome.stats, image_fractions(outcome.maps)),
         *cost_lines(outcome.stats),
+        model_size_text(outcome.card, outcome.params),
+        *changed_text(outcome, labels),
     ]
 
 
