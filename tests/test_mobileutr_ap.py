@@ -182,12 +182,14 @@ def test_query_attention_before_pruning_is_mobileutrs():
     x = torch.rand(1, 1, 64, 64)
     with torch.inference_mode():
         theirs = plain.predict(x, want_attention=True).attention[0]
-        # the pass at the gates' floor, so that the blocks' inputs are MobileUtr's
+        # the pass at the gates' floor: the first pruned block sees MobileUtr's input, the
+        # second one nearly (the first dropped its weakest links)
         ours = pruned.predict(x, True, token_threshold=1.0, gate=-10.0).attention[0]
         for token in (0, 27, 63):
             reference, _ = plain.query_attention(theirs, token)
             after, before = pruned.query_attention(ours, token, gate=0.0)
-            torch.testing.assert_close(before, reference, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(before[:2], reference[:2], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(before[2], reference[2], atol=2e-4, rtol=1e-3)
             assert (after[1:] == 0).any() and torch.equal(after[0], before[0])
     with pytest.raises(InputError, match="outside the 8 x 8 token grid"):
         pruned.query_attention(ours, 64)
