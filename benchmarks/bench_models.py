@@ -3,7 +3,9 @@
     python benchmarks/bench_models.py --mni152 nilearn-0.14.1-py3-none-any.whl [--threads 2]
 
 Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-mobileutr` (MobileUtr; random
-weights if it is absent) and MobileUtr-L with random weights (its speed row only). Columns:
+weights if it is absent), MobileUtr-L with random weights (its speed row only) and
+`weights/mni152-tissue-mobileutr-ap` (MobileUtr with APFormer's pruning; while those weights
+are absent, MobileUtr's weights with an untrained pruning head, a speed row only). Columns:
 parameters; GFLOP per slice at the weights' settings, averaged over the validation slices
 (APFormer's depends on the tokens kept) and unpruned; CPU ms per 256 x 256 slice through the
 engine (`Segmenter.segment`, batch of one slice, the models interleaved round by round in
@@ -41,6 +43,16 @@ def models() -> list[tuple[str, SegmentationModel, bool]]:
         rows.append(("MobileUtr (random weights)", random_default, False))
     torch.manual_seed(0)
     rows.append(("MobileUtr-L (random weights)", build_model("mobileutr", 1, 4, "L"), False))
+    pruned = WEIGHTS / "mni152-tissue-mobileutr-ap.safetensors"
+    if pruned.is_file():
+        rows.append(("mobileutr-ap (mni152-tissue-mobileutr-ap)", load_model(pruned), True))
+    else:  # MobileUtr's weights where present, an untrained pruning head: a speed row only
+        untrained = build_model("mobileutr-ap", 1, 4, "default")
+        name = "mobileutr-ap (random weights)"
+        if mobile.is_file():
+            untrained.load_state_dict(rows[1][1].state_dict(), strict=False)
+            name = "mobileutr-ap (MobileUtr's weights, untrained pruning head)"
+        rows.append((name, untrained, False))
     for _, model, _ in rows:
         model.eval()
     return rows
