@@ -2,7 +2,7 @@
 
     python benchmarks/bench_models.py --mni152 nilearn-0.14.1-py3-none-any.whl [--threads 2]
 
-Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-mobileutr` (MobileUtr; random
+Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-slim` (APFormer compressed, when present), `weights/mni152-tissue-mobileutr` (MobileUtr; random
 weights if it is absent), MobileUtr-L with random weights (its speed row only) and
 `weights/mni152-tissue-mobileutr-ap` (MobileUtr with APFormer's pruning; while those weights
 are absent, MobileUtr's weights with an untrained pruning head, a speed row only). Columns:
@@ -35,6 +35,9 @@ WEIGHTS = Path(__file__).parents[1] / "weights"
 def models() -> list[tuple[str, SegmentationModel, bool]]:
     """(row name, model, whether its Dice means anything)."""
     rows = [("APFormer (mni152-tissue)", load_model(WEIGHTS / "mni152-tissue.safetensors"), True)]
+    slim = WEIGHTS / "mni152-tissue-slim.safetensors"
+    if slim.is_file():
+        rows.append(("APFormer compressed (mni152-tissue-slim)", load_model(slim), True))
     mobile = WEIGHTS / "mni152-tissue-mobileutr.safetensors"
     if mobile.is_file():
         rows.append(("MobileUtr (mni152-tissue-mobileutr)", load_model(mobile), True))
@@ -50,7 +53,7 @@ def models() -> list[tuple[str, SegmentationModel, bool]]:
         untrained = build_model("mobileutr-ap", 1, 4, "default")
         name = "mobileutr-ap (random weights)"
         if mobile.is_file():
-            untrained.load_state_dict(rows[1][1].state_dict(), strict=False)
+            untrained.load_state_dict(load_model(mobile).state_dict(), strict=False)
             name = "mobileutr-ap (MobileUtr's weights, untrained pruning head)"
         rows.append((name, untrained, False))
     for _, model, _ in rows:
