@@ -2,7 +2,8 @@
 
     python benchmarks/bench_models.py --mni152 nilearn-0.14.1-py3-none-any.whl [--threads 2]
 
-Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-slim` (APFormer compressed, when present), `weights/mni152-tissue-mobileutr` (MobileUtr; random
+Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-slim` (APFormer compressed,
+when present), `weights/mni152-tissue-mobileutr` (MobileUtr; random
 weights if it is absent), MobileUtr-L with random weights (its speed row only) and
 `weights/mni152-tissue-mobileutr-ap` (MobileUtr with APFormer's pruning; while those weights
 are absent, MobileUtr's weights with an untrained pruning head, a speed row only). Columns:
