@@ -98,8 +98,9 @@ def read_sweep(path: Path, compressed: bool, unpruned: Mapping[str, str] = UNPRU
             kind = COMPRESSION if plain else BOTH
         else:
             kind = BASE_UNPRUNED if plain else TOKEN_PRUNING
-        timing = ", ".join(
-            str(row.get(k) or "?") for k in ("machine", "threads", "device") if k in row
+        timing = (
+            f"{row.get('machine') or '?'}, {row.get('threads') or '?'} torch threads, "
+            f"{row.get('device') or '?'}"
         )
         points.append(
             Point(kind, "compressed" if compressed else "base", settings, dice, gflops, ms, timing)
