@@ -1,6 +1,7 @@
 """Save docs/screenshot.png: napari with the APFormer widget docked over the MNI152 sample.
 
     xvfb-run -a -s "-screen 0 1920x1200x24" python docs/make_screenshot.py [--more DIR]
+        [--weights NAME --out docs/screenshot-NAME.png]
 
 The viewer shows the 2 mm sample volume on an axial slice through the ventricles as the
 widget leaves it by default: the segmentation drawn as outlines (while the attention shows),
@@ -54,12 +55,15 @@ def settle(app, widget, seconds: float = 0.5) -> None:
         time.sleep(0.01)
 
 
-def default_view(app, out: Path, more: Path | None) -> None:
+def default_view(app, out: Path, more: Path | None, weights: str | None = None) -> None:
     viewer = open_viewer(app)
     image, _reference = viewer.open_sample("napari-apformer", "mni152_volume")
     viewer.dims.set_point(0, image.translate[0] + 40 * image.scale[0])  # the ventricles
     widget = dock(viewer)
     settle(app, widget)
+    if weights is not None:  # another family: its segmentation and attention, same slice
+        widget.weights_choice.value = weights
+        settle(app, widget, 2.0)
     viewer.layers.selection.active = image
     viewer.reset_view()
     settle(app, widget)
@@ -105,11 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--more", type=Path, default=None, help="folder for more screenshots")
+    parser.add_argument("--weights", default=None, help="weights to select after docking")
     args = parser.parse_args()
     app = QApplication.instance() or QApplication([])
     if args.more is not None:
         args.more.mkdir(parents=True, exist_ok=True)
-    default_view(app, args.out, args.more)
+    default_view(app, args.out, args.more, args.weights)
     if args.more is not None:
         four_d(app, args.more)
 

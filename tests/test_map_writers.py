@@ -225,8 +225,7 @@ def test_the_widget_maps_save_through_napari(viewer, qtbot, tmp_path, small_apfo
     index = widget._last.request.index
     for role in ("attention", "background probability"):
         layer = output(viewer, image, role)
-        if SourceInfo.of(layer.metadata) is None:
-            pytest.xfail("plugin/layers.py does not put the image's source in map layers yet")
+        assert SourceInfo.of(layer.metadata) is not None
         viewer.layers.selection = {layer}
         target = tmp_path / f"{role.replace(' ', '_')}.nii.gz"
         saved = viewer.layers.save(str(target), selected=True, plugin=PLUGIN)

@@ -153,9 +153,7 @@ class OutputLayers:
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
-        metadata = {CLASSES_KEY: table, OUTPUT_KEY: SEGMENTATION}
-        if image.source is not None:
-            metadata.update(image.source.to_metadata())
+        metadata = {CLASSES_KEY: table, OUTPUT_KEY: SEGMENTATION, **source_metadata(image)}
         axis_labels, units = image.spatial_axes()
         layer = self.viewer.add_labels(
             np.zeros(image.spatial_shape, dtype),
@@ -222,7 +220,7 @@ class OutputLayers:
             translate=translate,
             axis_labels=image.axis_labels,
             units=image.units,
-            metadata={OUTPUT_KEY: CHANGED},
+            metadata={OUTPUT_KEY: CHANGED, **source_metadata(image)},
             opacity=0.8,
             visible=False,
         )
@@ -272,6 +270,7 @@ class OutputLayers:
             metadata={
                 OUTPUT_KEY: ATTENTION,
                 "value": "x uniform (1 = attention spread evenly over all tokens)",
+                **source_metadata(image),
             },
         )
         layer.colorbar.visible = True
@@ -338,7 +337,7 @@ class OutputLayers:
         if layer is not None:
             self.viewer.layers.remove(layer)
         common = {
-            "metadata": {OUTPUT_KEY: role},
+            "metadata": {OUTPUT_KEY: role, **source_metadata(image)},
             "name": self.name(spec.label),
             "scale": scale,
             "translate": translate,
@@ -397,3 +396,8 @@ def legend_html(table: list[dict]) -> str:
         if c["value"] != 0
     ]
     return "<br>".join(items)
+
+
+def source_metadata(image: ImageSource) -> dict:
+    """The source file's geometry, so our writers can put a layer back on the file's grid."""
+    return image.source.to_metadata() if image.source is not None else {}
