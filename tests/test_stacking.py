@@ -63,7 +63,7 @@ def test_rows_are_sorted_into_the_four_kinds(sweeps):
     assert {p.weights for p in grouped[BOTH]} == {"compressed"}
     text = table(grouped)
     assert "| compression only | 1.0 | -2 | 0.8950 | 14.90 | 240 | 70 % | 80 % |" in text
-    assert "wall time of `apformer sweep` on Test CPU, 2, cpu" in text
+    assert "wall time of `apformer sweep` on Test CPU, 2 torch threads, cpu." in text
 
 
 def test_another_unpruned_rule(sweeps):
