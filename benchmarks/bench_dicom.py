@@ -15,7 +15,6 @@ and the median ratio. Needs the `radiology` extra.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_volume import synthetic_volume
+from napari_apformer.hardware import describe
 
 
 def write_series(folder: Path, volume: np.ndarray, spacing: float = 0.7) -> None:
@@ -101,8 +101,8 @@ def main() -> None:
             segmenting = time.perf_counter() - start
             rows.append((round_, listing, reading, segmenting))
     print(
-        f"DICOM CT {args.slices} x {args.size} x {args.size}, {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}\n"
+        f"DICOM CT {args.slices} x {args.size} x {args.size}, "
+        f"{describe()}, torch {torch.__version__}\n"
     )
     print("| round | listing s | reading s | segmenting s | reading / segmenting |")
     print("|---|---|---|---|---|")

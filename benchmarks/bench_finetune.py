@@ -20,7 +20,6 @@ fine-tuning alone.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from napari_apformer.engine.inference import Segmenter
+from napari_apformer.hardware import describe
 from napari_apformer.model import load_model
 from napari_apformer.train.finetune import FinetuneOptions, finetune
 from napari_apformer.train.mni152 import BRAIN_FRACTION, load_template, tissue_labels
@@ -93,7 +93,7 @@ def main() -> None:
     after = volume_dice(result.model)
     names = model.card.class_names[1:]
     print(
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch "
+        f"{describe()}, torch "
         f"{torch.__version__}; weights {args.weights}; shift {args.shift}; corrected axial "
         f"slices {corrected}; Dice over the other {len(others)} axial slices of the brain\n"
     )

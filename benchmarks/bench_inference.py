@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from napari_apformer.engine.inference import Segmenter
+from napari_apformer.hardware import describe
 from napari_apformer.model import APFormer, load_model
 from napari_apformer.model.apformer.flops import slice_flops
 
@@ -122,6 +122,7 @@ torch.set_num_threads(int(sys.argv[1]))
 sys.path.insert(0, sys.argv[2])
 from bench_inference import load_vector
 from napari_apformer.engine.inference import Segmenter
+from napari_apformer.hardware import describe
 
 def rss_kib(field):
     for line in open("/proc/self/status"):
@@ -169,11 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    cpu = platform.processor() or platform.machine()
-    print(
-        f"torch {torch.__version__}, {args.threads} CPU threads ({cpu}), "
-        f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}\n"
-    )
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"{describe()}, torch {torch.__version__}, CUDA: {gpu}\n")
     for device in devices:
         print("\n".join(model_table(device, args.repeats)), "\n")
         print("\n".join(cache_table(device, args.repeats)), "\n")

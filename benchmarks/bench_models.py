@@ -18,7 +18,6 @@ pooled); kept tokens where the family prunes.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from napari_apformer.engine.inference import Segmenter
+from napari_apformer.hardware import describe
 from napari_apformer.model import load_model
 from napari_apformer.model.base import SegmentationModel, build_model
 
@@ -100,8 +100,7 @@ def main() -> None:
         for k, (s, p) in enumerate(zip(segmenters, prepared, strict=True)):
             times[k].append(slice_ms(s, p))
     print(
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch "
-        f"{torch.__version__}; ms: median of {args.rounds} interleaved rounds\n"
+        f"{describe()}, torch {torch.__version__}; ms: median of {args.rounds} interleaved rounds\n"
     )
     names = [c.name for c in rows[0][1].card.classes[1:]]
     print(

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from fresh_process import run_worker
+from napari_apformer.hardware import describe
 
 SAMPLE = Path(__file__).parents[1] / "src/napari_apformer/samples/mni152_t1_2mm.nii.gz"
 
@@ -132,10 +132,8 @@ def main() -> None:
 
     devices = (args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu")).split(",")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    print(
-        f"torch {torch.__version__}, {args.threads} CPU threads "
-        f"({platform.processor() or platform.machine()}), CUDA: {gpu}\n"
-    )
+    torch.set_num_threads(args.threads)
+    print(f"{describe()}, torch {torch.__version__}, CUDA: {gpu}\n")
     base = {"threads": args.threads, "precision": "auto", "repeats": 10}
     cpu_volume = [40, 256, 256] if args.quick else [300, 512, 512]
     volumes = {"cpu": [cpu_volume], "cuda": [[200, 256, 256], [300, 512, 512]]}

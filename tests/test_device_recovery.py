@@ -25,20 +25,19 @@ def reference(official_model, volume):
     return segmenter.segment(segmenter.prepare(volume)).labels
 
 
-def _failing_decode(segmenter, monkeypatch, error, when):
-    """Make APFormer's decoder raise `error` for batches where when(batch_size, call) is true.
-
-    On the CPU the decoder calls itself once per slice of a batch: those calls count too.
+def _failing_forward(segmenter, monkeypatch, error, when):
+    """Make APFormer's forward pass raise `error` for batches where when(batch_size, call) is
+    true. On the CPU the model calls itself once per slice of a batch: those calls count too.
     """
-    decode, calls = segmenter.model.run_decoder, []
+    forward, calls = segmenter.model.forward, []
 
-    def flaky(encoded, *args, **kwargs):
-        calls.append(encoded.x4.shape[0])
-        if when(encoded.x4.shape[0], len(calls)):
+    def flaky(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if when(x.shape[0], len(calls)):
             raise error
-        return decode(encoded, *args, **kwargs)
+        return forward(x, *args, **kwargs)
 
-    monkeypatch.setattr(segmenter.model, "run_decoder", flaky)
+    monkeypatch.setattr(segmenter.model, "forward", flaky)
     return calls
 
 
@@ -47,7 +46,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(
 ):
     segmenter = Segmenter(official_model, device="cpu", batch_size=4)
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    calls = _failing_decode(segmenter, monkeypatch, oom, lambda size, call: size > 2)
+    calls = _failing_forward(segmenter, monkeypatch, oom, lambda size, call: size > 2)
     result = segmenter.segment(segmenter.prepare(volume))
     assert np.array_equal(result.labels, reference)
     assert segmenter.batch_size == 2
@@ -59,7 +58,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(
 def test_out_of_memory_at_batch_1_on_the_cpu_is_a_clear_error(official_model, volume, monkeypatch):
     segmenter = Segmenter(official_model, device="cpu", batch_size=2)
     oom = torch.OutOfMemoryError("out of memory")
-    _failing_decode(segmenter, monkeypatch, oom, lambda size, call: call > 3)
+    _failing_forward(segmenter, monkeypatch, oom, lambda size, call: call > 3)
     job = segmenter.start(segmenter.prepare(volume))
     with pytest.raises(InputError, match="not enough memory for even one slice"):
         job.finish()
@@ -72,7 +71,7 @@ def test_a_failing_gpu_moves_the_run_to_the_cpu(official_model, volume, referenc
     monkeypatch.setattr(segmenter, "device", torch.device("cuda", 0))
     monkeypatch.setattr(Segmenter, "overlap", property(lambda self: False))
     failure = RuntimeError("CUDA error: unspecified launch failure")
-    _failing_decode(segmenter, monkeypatch, failure, lambda size, call: call == 4)
+    _failing_forward(segmenter, monkeypatch, failure, lambda size, call: call == 4)
     result = segmenter.segment(segmenter.prepare(volume))
     assert np.array_equal(result.labels, reference)
     assert segmenter.device == torch.device("cpu")
@@ -84,7 +83,7 @@ def test_a_failing_gpu_moves_the_run_to_the_cpu(official_model, volume, referenc
 
 def test_other_errors_are_not_swallowed(official_model, volume, monkeypatch):
     segmenter = Segmenter(official_model, device="cpu", batch_size=2)
-    _failing_decode(segmenter, monkeypatch, ValueError("a bug"), lambda size, call: True)
+    _failing_forward(segmenter, monkeypatch, ValueError("a bug"), lambda size, call: True)
     with pytest.raises(ValueError, match="a bug"):
         segmenter.segment(segmenter.prepare(volume))
 

@@ -527,7 +527,7 @@ def resident_bytes() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_gives_its_peak_memory_back_when_it_ends():
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     size = 400 * 2**20
     with freed_memory_kept() as kept:

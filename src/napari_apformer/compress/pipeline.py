@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from napari_apformer.compress.search import (
 )
 from napari_apformer.engine.device import resolve_device
 from napari_apformer.errors import InputError
+from napari_apformer.hardware import describe
 from napari_apformer.model.base import SegmentationModel
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import save_weights
@@ -130,21 +130,6 @@ def save_atomically(model: SegmentationModel, card: ModelCard, out: Path) -> Non
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def hardware_text(device: torch.device) -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {device}"
-    if device.type == "cuda":
-        text += f" ({torch.cuda.get_device_name(device)})"
-    return text
-
-
 def compress(
     model: SegmentationModel, train_set: SliceSet, val_set: SliceSet, config: CompressConfig
 ) -> CompressSummary:
@@ -236,7 +221,7 @@ def compress(
         ).strip(),
         training={
             **config.provenance,
-            "hardware": hardware_text(device),
+            "hardware": describe(device),
             "torch": torch.__version__,
             "compression": compression,
         },

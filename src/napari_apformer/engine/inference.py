@@ -27,6 +27,7 @@ from hashlib import blake2b
 import numpy as np
 import torch
 
+from napari_apformer.allocator import freed_memory_kept
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
 from napari_apformer.engine.precision import autocast_dtype
@@ -259,6 +260,15 @@ class Segmenter:
         at batch 1 the run moves to the CPU; a failing GPU also moves it to the CPU. Slices
         already collected stay in `result` either way.
         """
+        if len(result.slices) == 1:  # keeping and giving back would cost more than it saves
+            yield from self._batches(image, result, watched, cache)
+            return
+        with freed_memory_kept():  # large tensors reused, not faulted in again per batch
+            yield from self._batches(image, result, watched, cache)
+
+    def _batches(
+        self, image: PreparedImage, result: SegmentationResult, watched: set[int], cache: bool
+    ) -> Iterator[Progress]:
         started = time.perf_counter()
         position = {index: k for k, index in enumerate(result.slices)}
         queue = deque(_chunks(result.slices, self.batch_size))
@@ -331,13 +341,11 @@ class Segmenter:
         return table[size]
 
     def _encode(
-        self, inputs: torch.Tensor, keys: list[tuple] | None, fill_cache: bool, settings: dict
+        self, inputs: torch.Tensor, keys: list[tuple], fill_cache: bool, settings: dict
     ) -> tuple[object, list[bool], int]:
-        """Encoded slices for a batch, from the cache where present (keys None: no cache in
-        play); which slices were hits; FLOPs spent preparing cache entries."""
+        """Encoded slices for a batch, from the cache where present; which slices were hits;
+        FLOPs spent preparing cache entries."""
         model: CachedSplit = self.model  # type: ignore[assignment]
-        if keys is None:
-            return model.encode(inputs), [False] * len(inputs), 0
         found = [self.encoder_cache.get(key) for key in keys]
         hits = [item is not None for item in found]
         missing = [k for k, item in enumerate(found) if item is None]
@@ -380,7 +388,7 @@ class Segmenter:
         want_attention = any(i in watched for i in batch)
         hits, spent = [False] * len(batch), 0
         with torch.autocast(self.device.type, self.autocast, enabled=self.autocast is not None):
-            if split:
+            if keys is not None:  # the split only pays where there is a cache to use
                 encoded, hits, spent = self._encode(inputs, keys, fill_cache, result.settings)
                 out = self.model.decode(encoded, want_attention, **result.settings)
                 encode_flops = self._flops(self._encode_flops, box, self.model.encode_flops)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import shlex
 import time
 from pathlib import Path
 
 from napari_apformer.errors import InputError
+from napari_apformer.hardware import cpu_name
 
 DATA_KINDS = ("mni152", "images", "nifti", "release")
 # Files `apformer train -o OUT` writes beside OUT (never replaced without --overwrite)
@@ -269,7 +269,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """`apformer train`; freed memory stays in the process during the run only."""
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     with freed_memory_kept():
         return _train(args)
@@ -322,7 +322,7 @@ def _train(args: argparse.Namespace) -> int:
             "data": data_text,
             "training_slices": len(train_set),
             "validation_slices": len(val_set),
-            "hardware": f"{_cpu_name()}, {torch.get_num_threads()} torch threads, "
+            "hardware": f"{cpu_name()}, {torch.get_num_threads()} torch threads, "
             f"device {args.device}"
             + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
             "torch": torch.__version__,
@@ -526,16 +526,6 @@ def load_data(args: argparse.Namespace, normalisation, n_classes: int, rule=None
 
     classes = ModelCard.generic("", 1, top + 1).class_table()
     return train_set, val_set, classes, text, "the data set's own licence (not recorded)"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _record_wall_time(out: Path, seconds: float, summary) -> None:

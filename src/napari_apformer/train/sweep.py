@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from napari_apformer.errors import InputError
+from napari_apformer.hardware import cpu_name
 from napari_apformer.model.base import CachedSplit, SegmentationModel, SettingValue
 from napari_apformer.train.datasets import SliceSet
 
@@ -55,17 +55,6 @@ class SweepRow:
     @property
     def mean_foreground(self) -> float:
         return sum(self.dice[1:]) / max(1, len(self.dice) - 1)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _clock(device: torch.device) -> float:

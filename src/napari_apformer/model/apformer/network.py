@@ -353,7 +353,9 @@ class APFormer(SegmentationModel):
         ]
 
     def predict(self, x: torch.Tensor, want_attention: bool = False, **settings) -> Prediction:
-        prediction = self.decode(self.encode(x), want_attention, **settings)
+        values = self.resolve_settings(settings)
+        out = self(x, values["token_threshold"], values["gate"], keep_inputs=want_attention)
+        prediction = self.prediction(out, want_attention)
         prediction.flops = prediction.flops + self.encode_flops(*x.shape[-2:])
         return prediction
 
@@ -595,6 +597,7 @@ class APFormer(SegmentationModel):
         gate: float | Sequence[float] | None = None,
         capture: bool = False,
         content_attention: bool = False,
+        keep_inputs: bool = False,
     ) -> ModelOutput:
         """x: (B, in_channels, S, S) scaled to [0, 1] (S: the input size, 256 in the release).
 
@@ -602,7 +605,10 @@ class APFormer(SegmentationModel):
         pruned; 1.0 keeps every token. gate: one value for all layers or one per layer.
         None takes the model's defaults (the checkpoint's own values).
         """
-        return self.run_decoder(self.encode(x), token_threshold, gate, capture, content_attention)
+        settings = (token_threshold, gate, capture, content_attention, keep_inputs)
+        if self._one_at_a_time(x):  # each image all the way through: batch 1's memory
+            return ModelOutput.cat([self(x[i : i + 1], *settings) for i in range(x.shape[0])])
+        return self.run_decoder(self.encode(x), *settings)
 
     def attention_rows(
         self,
