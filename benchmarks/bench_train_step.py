@@ -24,7 +24,7 @@ from fresh_process import run_worker
 def worker(config: dict) -> dict:
     """Time `steps` training steps in this (fresh) process."""
     if config["keep_freed_memory"]:
-        from napari_apformer.allocator import keep_freed_memory
+        from napari_apformer.train.allocator import keep_freed_memory
 
         keep_freed_memory()
     import torch

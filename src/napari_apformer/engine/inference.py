@@ -27,7 +27,6 @@ from hashlib import blake2b
 import numpy as np
 import torch
 
-from napari_apformer.allocator import freed_memory_kept
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
 from napari_apformer.engine.precision import autocast_dtype
@@ -260,15 +259,6 @@ class Segmenter:
         at batch 1 the run moves to the CPU; a failing GPU also moves it to the CPU. Slices
         already collected stay in `result` either way.
         """
-        if len(result.slices) == 1:  # keeping and giving back would cost more than it saves
-            yield from self._batches(image, result, watched, cache)
-            return
-        with freed_memory_kept():  # large tensors reused, not faulted in again per batch
-            yield from self._batches(image, result, watched, cache)
-
-    def _batches(
-        self, image: PreparedImage, result: SegmentationResult, watched: set[int], cache: bool
-    ) -> Iterator[Progress]:
         started = time.perf_counter()
         position = {index: k for k, index in enumerate(result.slices)}
         queue = deque(_chunks(result.slices, self.batch_size))

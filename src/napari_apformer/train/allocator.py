@@ -1,14 +1,12 @@
-"""Keep freed memory in the process while a run lasts (glibc on Linux; elsewhere a no-op).
+"""Keep freed memory in the process during training (glibc on Linux; elsewhere a no-op).
 
 A CPU training step allocates and frees tensors of 100+ MB (attention maps and their
 gradients). glibc serves blocks that large with mmap and returns them to the kernel on free,
 so every step faults the same memory in again page by page: on 2 cores half of the CPU time
-went to the kernel. Inference meets the same on a smaller scale (MobileUtr faulted about
-100 MB per slice). Serving such blocks from the heap and never trimming it makes a step faster
-(benchmarks/bench_train_step.py, benchmarks/bench_inference.py; figures in docs/training.md and
-docs/performance.md). The cost is that the process holds its peak memory, so
-`freed_memory_kept` gives it back when the last run that asked for it ends: a process that
-trains or segments and goes on (the viewer, a test session) does not keep the run's peak.
+went to the kernel. Serving them from the heap and never trimming it makes a step faster
+(benchmarks/bench_train_step.py; figures in docs/training.md). The cost is that the process
+holds its peak memory, so `freed_memory_kept` gives it back when the run ends: a process that
+trains and goes on (the viewer, a test session) does not keep the training's peak.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
-import threading
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
@@ -61,21 +58,12 @@ def return_freed_memory() -> None:
     libc.malloc_trim(0)
 
 
-_lock = threading.Lock()
-_holders = 0  # runs inside freed_memory_kept (runs in several threads may overlap)
-
-
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[bool]:
-    """Keep freed memory while the block runs; give it back when the last such block ends."""
-    global _holders
-    with _lock:
-        kept = keep_freed_memory() if _holders == 0 else True
-        _holders += kept
+    """Keep freed memory for the duration of a training run, give it back afterwards."""
+    kept = keep_freed_memory()
     try:
         yield kept
     finally:
-        with _lock:
-            _holders -= kept
-            if kept and _holders == 0:
-                return_freed_memory()
+        if kept:
+            return_freed_memory()
