@@ -26,6 +26,7 @@ def test_relative_position_tables():
     assert index.min() == 0 and index.max() == 63 * 63 - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad", [False, True])
 def test_dependency_pruning_matches_spec(grad):
     torch.manual_seed(1)
@@ -103,6 +104,7 @@ def test_invalid_settings_are_refused(random_model):
         random_model(torch.rand(1, 1, 128, 128))
 
 
+@pytest.mark.slow
 def test_one_gate_equals_same_gate_per_layer(official, official_model):
     x = torch.from_numpy(official["input"][:1])
     with torch.inference_mode():
@@ -126,6 +128,7 @@ def test_position_tables_are_buffers_and_bias_is_built_once(random_model):
         assert not torch.equal(layer.position_bias(), first)
 
 
+@pytest.mark.slow
 def test_capture_records_pruned_attention(official, official_model):
     x = torch.from_numpy(official["input"][:1])
     with torch.inference_mode():
@@ -146,6 +149,7 @@ def test_capture_records_pruned_attention(official, official_model):
     assert all(t.record is None for t in plain.layers)
 
 
+@pytest.mark.slow
 def test_compute_falls_with_kept_tokens(official, official_model):
     """Pruned queries are left out of the products, so counted FLOPs fall (no timing here)."""
     x = torch.from_numpy(official["input"][:1])
@@ -159,6 +163,7 @@ def test_compute_falls_with_kept_tokens(official, official_model):
     assert pruned < 0.8 * full
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tau", [1.0, 0.9, 0.5])
 def test_reused_first_layer_gives_the_same_output(official, official_model, tau):
     """Layer 1's output per token does not depend on the keep mask, so reusing it is exact."""
@@ -176,6 +181,7 @@ def test_reused_first_layer_gives_the_same_output(official, official_model, tau)
     assert torch.equal(other_gate.logits, fresh_other.logits)
 
 
+@pytest.mark.slow
 def test_transformer_batch_with_different_keep_masks_equals_single_images(official, official_model):
     """The padded multi-image path (used on GPUs; the CPU model runs images one by one)."""
     with torch.inference_mode():
@@ -193,6 +199,7 @@ def test_transformer_batch_with_different_keep_masks_equals_single_images(offici
                 torch.testing.assert_close(b.record.attention[i], s.record.attention[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tau", [1.0, 0.9])
 def test_attention_rows_equal_the_captured_rows(official, official_model, tau):
     """Rows for chosen queries, recomputed from the kept layer inputs, match the full capture,

@@ -46,6 +46,7 @@ def test_core_reads_and_prepares_or_says_why_not(corpus, segmenter, name):
     assert prepared.n_slices >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BY_NAME))
 def test_command_line(corpus, tmp_path, capsys, name):
     case, path = BY_NAME[name], corpus[name]

@@ -16,6 +16,7 @@ def logits_of(model, x):
         return model(x, token_threshold=0.9, gate=-2.0).logits
 
 
+@pytest.mark.slow
 def test_authors_pth_loads_unchanged(tmp_path, official, official_state_dict, official_model):
     path = tmp_path / "best.pth"
     torch.save(official_state_dict, path)
@@ -32,6 +33,7 @@ def test_data_parallel_prefix_is_accepted(tmp_path, official_state_dict):
     assert load_model(path).n_classes == 9
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_with_card(tmp_path, official, official_model):
     card = ModelCard.generic("mine", 1, 9)
     card.settings = {"token_threshold": 0.8, "gate": [0.0, -1.0, -2.0, -3.0]}

@@ -124,6 +124,7 @@ def sample(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_predict_nifti_keeps_affine_and_header(tmp_path, sample, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(sample), "-o", str(out), "--token-threshold", "0.8"]) == 0
@@ -144,6 +145,7 @@ def test_predict_nifti_keeps_affine_and_header(tmp_path, sample, capsys):
     assert "kept tokens" in captured.out and "warning" not in captured.err
 
 
+@pytest.mark.slow
 def test_set_takes_per_layer_negative_values_and_the_aliases(tmp_path, sample):
     out = tmp_path / "out"
     args = ["predict", str(sample), "-o", str(out), "--set", "gate=-2,-2,-1,0"]
@@ -172,6 +174,7 @@ def test_set_and_alias_flags_name_the_same_settings(flags, expected):
     assert {name: value for name, (_, value) in given_settings(args).items()} == expected
 
 
+@pytest.mark.slow
 def test_placeholder_weights_are_announced(tmp_path, sample, capsys):
     from napari_apformer.model import APFormer, ModelCard, save_weights
 
@@ -183,6 +186,7 @@ def test_placeholder_weights_are_announced(tmp_path, sample, capsys):
     assert "placeholder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_existing_output_is_skipped_not_overwritten(tmp_path, sample, capsys):
     target = tmp_path / "mine.nii.gz"
     target.write_bytes(b"precious")
@@ -193,6 +197,7 @@ def test_existing_output_is_skipped_not_overwritten(tmp_path, sample, capsys):
     assert nib.load(target).shape == nib.load(sample).shape
 
 
+@pytest.mark.slow
 def test_folder_with_a_bad_file_reports_it_and_does_the_rest(tmp_path, sample, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -305,6 +310,7 @@ def test_a_family_defined_in_a_test_runs_through_the_command_line(
     ]
 
 
+@pytest.mark.slow
 def test_console_script_runs():
     done = subprocess.run(
         [sys.executable, "-m", "napari_apformer.cli", "--version"],
@@ -315,6 +321,7 @@ def test_console_script_runs():
     assert done.stdout.startswith("napari-apformer ")
 
 
+@pytest.mark.slow
 def test_unwritable_output_is_one_line(tmp_path, sample, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
@@ -336,6 +343,7 @@ def test_internal_errors_are_one_line_unless_debugging(sample, tmp_path, capsys,
         main(["--debug", "predict", str(sample), "-o", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_is_not_an_internal_error():
     """`apformer info | head -1`: the reader leaves early; no error line, no traceback."""
     import subprocess

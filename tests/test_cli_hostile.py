@@ -190,6 +190,7 @@ def test_a_malformed_sidecar_beside_an_existing_output_does_not_stop_the_run(tmp
     assert rows[2]["background (ml)"] == ""  # a list where numbers by class belong: left out
 
 
+@pytest.mark.slow
 def test_a_second_run_never_deletes_the_live_temporary_file_of_the_first(tmp_path, toy):
     source, out = picture(tmp_path / "a.png"), tmp_path / "out"
     go = tmp_path / "go"
@@ -227,6 +228,7 @@ def test_a_temporary_file_of_a_dead_process_is_removed_and_a_live_one_kept(tmp_p
         sleeper.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_during_a_write_leave_nothing_and_say_so(tmp_path, toy, signum):
     source, out = volume(tmp_path / "s0.nii.gz", slices=2), tmp_path / "out"

@@ -40,6 +40,7 @@ def read_rows(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_cohort_run_writes_statistics_and_reports_the_bad_file(cohort, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(cohort), "-o", str(out)]) == 1
@@ -103,6 +104,7 @@ def test_csv_columns_come_from_the_counters_the_model_declares(cohort, tmp_path,
         assert 0 <= fraction <= 1 and float(row["bright_cells_percent"]) == round(100 * fraction, 2)
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_outputs_and_keeps_their_statistics(cohort, tmp_path, capsys):
     out = tmp_path / "out"
     (cohort / "s5.nii.gz").unlink()
@@ -118,6 +120,7 @@ def test_a_rerun_skips_finished_outputs_and_keeps_their_statistics(cohort, tmp_p
         assert a["grey matter (voxels)"] == b["grey matter (voxels)"]
 
 
+@pytest.mark.slow
 def test_shards_split_the_cohort_without_overlap(cohort, tmp_path):
     (cohort / "s5.nii.gz").unlink()
     out = tmp_path / "out"
@@ -147,6 +150,7 @@ def test_take_shard_covers_every_file_once(tmp_path):
     assert sorted(taken) == files
 
 
+@pytest.mark.slow
 def test_a_killed_write_leaves_no_output(cohort, tmp_path, monkeypatch):
     """Interrupt the label writer half-way: no label file, so a rerun redoes the file."""
     (cohort / "s5.nii.gz").unlink()
@@ -178,6 +182,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_the_write_leaves_no_output_and_a_rerun_cleans_up(cohort, tmp_path):
     import signal
     import subprocess

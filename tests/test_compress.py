@@ -121,6 +121,7 @@ def test_factors_of_one_leave_the_output_unchanged():
     assert not any(".parametrizations." in k for k in model.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dimensions", [ALL, ("head_channels", "mlp_hidden"), ("heads",)])
 def test_extracted_model_equals_the_masked_search_model(dimensions):
     model = tiny(1)
@@ -248,6 +249,7 @@ def test_a_family_without_searchable_dimensions_is_refused():
         joint_search(Plain(1, 2, "default"))
 
 
+@pytest.mark.slow
 def test_l1_drives_the_factors_down():
     model = tiny(7)
     config = SearchConfig(
@@ -270,6 +272,7 @@ def test_l1_drives_the_factors_down():
     assert result.losses["l1_head_channels"] > 0
 
 
+@pytest.mark.slow
 def test_search_resumes_from_its_state(tmp_path):
     data = slices(4)
     config = SearchConfig(
@@ -303,6 +306,7 @@ def test_search_refuses_when_nothing_is_searched():
         search(tiny(), slices(2), SearchConfig(lambdas={"heads": -1.0}, progress=False))
 
 
+@pytest.mark.slow
 def test_compress_writes_a_smaller_model_with_its_provenance(tmp_path):
     base = tiny(9)
     save_weights(base, ModelCard.generic("base", 1, 3), tmp_path / "base")
@@ -357,6 +361,7 @@ def write_pngs(root, n: int = 3) -> None:
         Image.fromarray(mask).save(root / "masks" / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_the_command_runs_end_to_end(tmp_path, capsys):
     from napari_apformer.compress import command
 

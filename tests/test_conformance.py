@@ -119,6 +119,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2, 4], indirect=True)
 @pytest.mark.parametrize("case", [0, 1])
 def test_each_image_alone_matches_release(
@@ -129,6 +130,7 @@ def test_each_image_alone_matches_release(
         assert result.holds(), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [0, 1])
 def test_token_logits_match_release(official, official_model, case):
     """The pruning head has no threshold in it: it matches tightly everywhere."""
@@ -141,6 +143,7 @@ def test_token_logits_match_release(official, official_model, case):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [0, 1])
 def test_batch_matches_release_and_single_images(official, official_model, official_rounding, case):
     gate = float(official["gates"][case])
@@ -161,6 +164,7 @@ def test_batch_matches_release_and_single_images(official, official_model, offic
         assert result.holds(), result
 
 
+@pytest.mark.slow
 def test_wrong_position_bias_fails_the_check(official, official_state_dict, monkeypatch):
     """Without the Gaussian prior of GRPE (weight 0.01 in the release) the check must fail."""
     from napari_apformer.model import load_model
@@ -171,6 +175,7 @@ def test_wrong_position_bias_fails_the_check(official, official_state_dict, monk
     assert not any(r.holds() for r in results), results
 
 
+@pytest.mark.slow
 def test_wrong_pruning_rule_fails_the_check(official, official_model, monkeypatch):
     """A dependency threshold 5 % off (ratio 0.95 r) must fail the check."""
     exact = attention.prune_dependencies

@@ -41,6 +41,7 @@ def _failing_forward(segmenter, monkeypatch, error, when):
     return calls
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch_and_loses_nothing(
     official_model, volume, reference, monkeypatch
 ):
@@ -65,6 +66,7 @@ def test_out_of_memory_at_batch_1_on_the_cpu_is_a_clear_error(official_model, vo
     assert job.result.stats.slices == 2  # the first batch was collected and stays
 
 
+@pytest.mark.slow
 def test_a_failing_gpu_moves_the_run_to_the_cpu(official_model, volume, reference, monkeypatch):
     segmenter = Segmenter(official_model, device="cpu", batch_size=2)
     # Pretend the run is on a GPU (the model stays on the CPU, so the work itself is real).
@@ -88,6 +90,7 @@ def test_other_errors_are_not_swallowed(official_model, volume, monkeypatch):
         segmenter.segment(segmenter.prepare(volume))
 
 
+@pytest.mark.slow
 def test_overlapped_batches_give_the_same_results(official_model, volume, reference, monkeypatch):
     monkeypatch.setattr(Segmenter, "overlap", property(lambda self: True))
     segmenter = Segmenter(official_model, device="cpu", batch_size=2)
@@ -103,6 +106,7 @@ def test_overlapped_batches_give_the_same_results(official_model, volume, refere
     assert torch.equal(job.result.attention_states[4][0], expected.attention_states[4][0])
 
 
+@pytest.mark.slow
 def test_reduced_precision_changes_few_labels(official_model):
     """The shipped weights on the sample slice; bfloat16 stands in for CUDA's float16 (CPU
     float16 is very slow): bfloat16 keeps 8 bits of mantissa, float16 11."""

@@ -183,6 +183,7 @@ def test_bad_arguments(tmp_path, capsys):
         assert message in line
 
 
+@pytest.mark.slow
 def test_without_simpleitk_evaluate_says_how_to_install_it(tmp_path):
     save(tmp_path / "ref.nii.gz", boxes())
     code = (

@@ -95,6 +95,7 @@ def parameters(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_finetune_writes_changed_weights_and_a_card_that_records_the_run(
     tmp_path, base_weights, scan, family, capsys
 ):
@@ -281,6 +282,7 @@ def test_labels_outside_the_trusted_slices_are_not_checked():
         check_corrections(labels, SHAPE, 2, [4], card)
 
 
+@pytest.mark.slow
 def test_the_widget_and_the_command_line_fine_tune_alike(tmp_path, base_weights, scan, family):
     """Issue 17: "the same code serves the widget". The widget's worker function (run_adapt),
     fed the layers napari's reader makes of the files, and `apformer finetune` on the files,

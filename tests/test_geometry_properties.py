@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +39,7 @@ def world_of(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
     return (affine[:3, :3] @ voxels.T).T + affine[:3, 3]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(nifti_geometry(), st.booleans())
 def test_labels_land_on_the_world_coordinates_they_came_from(geometry, through_napari):

@@ -121,6 +121,7 @@ def tiled_tiff(path: Path, side: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_images_are_sized_from_their_header_before_decoding(tmp_path, cgroup_limit):
     Image.new("L", (4000, 4000)).save(tmp_path / "wide.png")
     Image.new("L", (4000, 4000)).save(tmp_path / "wide.jpg")
@@ -321,6 +322,7 @@ def over_4_gib_of_zeros(path: Path) -> int:
     return size
 
 
+@pytest.mark.slow
 def test_a_volume_over_4_gib_is_not_called_truncated(tmp_path, cgroup_limit):
     path = tmp_path / "big.nii.gz"
     size = over_4_gib_of_zeros(path)

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_package_io_and_cli_do_not_import_torch_or_qt():
     code = (
         "import sys, napari_apformer, napari_apformer.io.formats, napari_apformer.cli, "
@@ -14,6 +17,7 @@ def test_package_io_and_cli_do_not_import_torch_or_qt():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_napari_start_up_modules_do_not_import_torch():
     """What napari loads at start-up and to open files: the manifest's reader, writer and
     sample commands. Only the widget imports torch (when it opens)."""

@@ -20,6 +20,7 @@ def volume(official):
     return np.stack([brain, brain.T, noise]) * 1000
 
 
+@pytest.mark.slow
 def test_engine_equals_model_on_a_256_slice(official, official_model):
     segmenter = Segmenter(official_model, device="cpu")
     image = official["input"][0, 0]
@@ -33,6 +34,7 @@ def test_engine_equals_model_on_a_256_slice(official, official_model):
     assert (result.labels != official["argmax_0"][0]).sum() <= 5
 
 
+@pytest.mark.slow
 def test_volume_labels_follow_the_slice_axis(segmenter, volume):
     along_0 = segmenter.segment(segmenter.prepare(volume, axis=0))
     along_2 = segmenter.segment(segmenter.prepare(np.moveaxis(volume, 0, 2), axis=2))
@@ -41,6 +43,7 @@ def test_volume_labels_follow_the_slice_axis(segmenter, volume):
     assert along_0.stats.slices == 3
 
 
+@pytest.mark.slow
 def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model, segmenter, volume):
     prepared = segmenter.prepare(volume, axis=0)
     segmenter.segment(prepared, slices=[0], token_threshold=0.9)  # one-off: leaves no cache
@@ -71,6 +74,7 @@ def test_threshold_change_reuses_encoder_and_matches_a_fresh_run(official_model,
     assert second.stats.fraction("kept_tokens") < first.stats.fraction("kept_tokens")
 
 
+@pytest.mark.slow
 def test_progress_and_cancellation(segmenter, volume):
     prepared = segmenter.prepare(np.concatenate([volume, volume]), axis=0)  # 6 slices
     job = segmenter.start(prepared)
@@ -82,6 +86,7 @@ def test_progress_and_cancellation(segmenter, volume):
     assert job.result.stats.slices == 6
 
 
+@pytest.mark.slow
 def test_batches_give_the_same_labels_as_single_slices(official_model, volume):
     batched = Segmenter(official_model, device="cpu", batch_size=8)
     single = Segmenter(official_model, device="cpu", batch_size=1)
@@ -91,6 +96,7 @@ def test_batches_give_the_same_labels_as_single_slices(official_model, volume):
     assert np.array_equal(a.maps["keep"], b.maps["keep"])
 
 
+@pytest.mark.slow
 def test_probabilities_attention_and_token_maps(segmenter, volume):
     prepared = segmenter.prepare(volume[:, :200, :150], axis=0)
     result = segmenter.segment(prepared, probabilities=True, attention_slices=[1])
@@ -113,6 +119,7 @@ def test_probabilities_attention_and_token_maps(segmenter, volume):
     assert ((result.maps["background_probability"] >= 0.9) == ~keep).all()
 
 
+@pytest.mark.slow
 def test_statistics_count_what_was_spent(segmenter, volume):
     prepared = segmenter.prepare(volume, axis=0)
     full = segmenter.segment(prepared, token_threshold=1.0)

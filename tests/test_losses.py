@@ -62,6 +62,7 @@ def test_training_loss_backpropagates():
     assert qkv is not None and math.isfinite(qkv.abs().sum().item())
 
 
+@pytest.mark.slow
 def test_training_loss_needs_content_attention(random_model):
     with torch.inference_mode():
         out = random_model(torch.rand(1, 1, 256, 256))

@@ -67,6 +67,7 @@ def assert_labels_agree(logits: torch.Tensor, reference: np.ndarray, margin: flo
     assert (~decided).sum() <= 0.01 * decided.size  # 0.25 % here (random weights)
 
 
+@pytest.mark.slow
 def test_the_release_state_dict_loads_unchanged_and_matches_its_logits(vector, release_state):
     model = load_model(release_state)
     assert model.family == "mobileutr" and model.architecture()["sizes"]["heads"] == 4
@@ -78,6 +79,7 @@ def test_the_release_state_dict_loads_unchanged_and_matches_its_logits(vector, r
     assert_labels_agree(logits, vector["argmax"])
 
 
+@pytest.mark.slow
 def test_a_grey_model_with_the_folded_stem_matches_the_release(vector, grey_logits):
     worst = assert_conforms(grey_logits[..., ::2, ::2], vector["logits_strided"])
     assert worst < 2e-4  # the spec measured 7e-5: float noise of the sum over channels

@@ -130,6 +130,7 @@ def test_higher_gates_keep_fewer_dependencies_and_the_maps_agree():
     assert kept[-1] < int(per_layer.counters["kept_dependencies"][0, 0]) < kept[0]
 
 
+@pytest.mark.slow
 def test_flops_follow_the_kept_tokens_and_match_torch():
     plain, pruned = _pair(5)
     x = torch.rand(1, 1, 64, 64)

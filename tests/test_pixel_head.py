@@ -155,6 +155,7 @@ def test_counted_flops_include_the_head_and_equal_torchs(tau):
     assert decoder_flops(model, kept, first_layer_reused=True) == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_compress_with_the_head_trains_keeps_and_records_it(tmp_path):
     base = tiny(5)
     save_weights(base, ModelCard.generic("base", 1, 3), tmp_path / "base")
@@ -195,6 +196,7 @@ def test_compress_with_the_head_trains_keeps_and_records_it(tmp_path):
     assert card["architecture"]["sizes"]["pixel_head"] == 4
 
 
+@pytest.mark.slow
 def test_the_command_adds_the_head_and_a_resume_must_agree(tmp_path):
     import argparse
 

@@ -651,6 +651,7 @@ def test_dicom_seg_needs_a_dicom_source(tmp_path):
 # --- Without the radiology extra ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_core_imports_without_the_radiology_extra():
     code = (
         "import sys\n"

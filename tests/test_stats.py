@@ -32,6 +32,7 @@ def measured_flops(model, keep: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", [TOKENS, 517, 1, 0])
 def test_counted_flops_equal_measured(random_model, kept):
     keep = torch.zeros(1, TOKENS, dtype=torch.bool)
@@ -69,6 +70,7 @@ def test_run_stats_fractions():
     assert RunStats(slices=1).summary() == "1 slice(s) on cpu: 0.0 of 0.0 GFLOP, 0 ms per slice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", [TOKENS, 300])
 def test_counted_flops_with_cached_first_layer_equal_measured(official_model, kept):
     keep = torch.zeros(1, TOKENS, dtype=torch.bool)

@@ -59,6 +59,7 @@ def run_cli(*args):
     return main(["train", *map(str, args), "--no-progress", "--threads", "2"])
 
 
+@pytest.mark.slow
 def test_a_few_steps_write_weights_card_log_and_plot_and_resume(
     tmp_path, capsys, small_apformer_weights
 ):
@@ -133,6 +134,7 @@ def without_timing(text: str) -> str:
     return "\n".join(",".join(row[:-4]) for row in csv.reader(text.splitlines()))
 
 
+@pytest.mark.slow
 def test_weight_average_is_saved_and_resumed(tmp_path, small_apformer_weights):
     data = tiny_folder(tmp_path / "data")
     out = tmp_path / "w" / "ema"
@@ -213,6 +215,7 @@ def test_bad_data_is_reported_before_training(tmp_path, capsys, problem, message
     assert not (tmp_path / "w.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_family_defined_in_a_test_trains_through_its_own_losses(tmp_path, monkeypatch):
     from napari_apformer.model import base
 
@@ -297,6 +300,7 @@ def test_augmentation_is_deterministic_and_keeps_labels_valid():
     assert a[0].min() >= 0 and a[0].max() <= 1 and set(a[1].unique().tolist()) <= {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_learnable_gates_get_gradients_only_when_asked():
     torch.manual_seed(0)  # a 16 x 16 token grid: the same code at a sixteenth of the memory
     x, y = torch.rand(1, 1, 128, 128), torch.randint(0, 3, (1, 128, 128))
@@ -314,6 +318,7 @@ def test_learnable_gates_get_gradients_only_when_asked():
         assert (ratio is not None and ratio.abs().sum() > 0) == learnable
 
 
+@pytest.mark.slow
 def test_torchrun_runs_distributed_data_parallel(tmp_path):
     data = tiny_folder(tmp_path / "data")
     out = tmp_path / "ddp"
@@ -358,6 +363,7 @@ def test_torchrun_runs_distributed_data_parallel(tmp_path):
 # Issue 12: outputs, interruptions and arguments (items 10, 13 and 17) ------------------------
 
 
+@pytest.mark.slow
 def test_train_never_replaces_earlier_weights_without_overwrite(tmp_path, capsys, monkeypatch):
     from napari_apformer.model import base
 
@@ -481,6 +487,7 @@ except files.Interrupted as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["weights written", "between the renames"])
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
 def test_a_kill_while_saving_weights_never_loses_the_old_pair(
@@ -525,6 +532,7 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_gives_its_peak_memory_back_when_it_ends():
     from napari_apformer.train.allocator import freed_memory_kept
@@ -542,6 +550,7 @@ def test_training_gives_its_peak_memory_back_when_it_ends():
     assert after < size // 4  # handed back afterwards
 
 
+@pytest.mark.slow
 def test_a_sweep_of_a_family_without_settings_gives_one_row(tmp_path, capsys):
     from napari_apformer.model import ModelCard, save_weights
     from napari_apformer.model.base import build_model
