@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The extensions that decide how fast torch's CPU kernels run, in the order printed.
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
@@ -40,7 +42,10 @@ def cpu_flags() -> list[str]:
 
 
 def describe(device: torch.device | str = "cpu") -> str:
-    """One line: CPU model and flags, cores, torch threads, device."""
+    """One line: CPU model and flags, cores, torch threads, device (imports torch, so the
+    command line's start-up, which names the CPU only, does not)."""
+    import torch
+
     device = torch.device(device)
     flags = ", ".join(cpu_flags()) or "flags unknown"
     text = (
