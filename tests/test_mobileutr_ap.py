@@ -12,7 +12,7 @@ from napari_apformer.engine.inference import Segmenter
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import CachedSplit, QueryAttention, Trainable, build_model
 from napari_apformer.model.card import ModelCard
-from napari_apformer.model.checkpoint import load_model, save_weights
+from napari_apformer.model.checkpoint import grow_model, load_model, save_weights
 from napari_apformer.model.mobileutr import MobileUtr, MobileUtrAP
 from napari_apformer.model.mobileutr.pruned_stage import PrunedGlobalAttn
 
@@ -229,3 +229,22 @@ def test_sizes_not_a_multiple_of_16_are_refused():
     _, pruned = _pair(10)
     with pytest.raises(InputError, match="56 x 64"):
         pruned.predict(torch.rand(1, 1, 56, 64))
+
+
+def test_grown_from_mobileutr_weights_holds_every_tensor_and_refuses_apformers():
+    torch.manual_seed(0)
+    plain = build_model("mobileutr", 1, 3, sizes=SMALL).eval()
+    grown = grow_model(plain, "mobileutr-ap", "plain.safetensors")
+    assert isinstance(grown, MobileUtrAP) and grown.architecture() == {
+        **plain.architecture(),
+        "family": "mobileutr-ap",
+    }
+    mine = grown.state_dict()
+    assert set(mine) - set(plain.state_dict()) == ADDED
+    assert all(torch.equal(mine[k], v) for k, v in plain.state_dict().items())
+    apformer = build_model("apformer", 1, 3)
+    with pytest.raises(InputError, match=r"^a\.safetensors: .*apformer") as error:
+        grow_model(apformer, "mobileutr-ap", "a.safetensors")
+    assert "\n" not in str(error.value)
+    with pytest.raises(InputError, match="no place in it"):  # mobileutr-ap's head is extra
+        grow_model(grown, "mobileutr", "ap.safetensors")

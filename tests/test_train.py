@@ -444,6 +444,30 @@ def test_init_with_another_class_count_is_one_line(tmp_path, capsys, monkeypatch
     assert "the weights take 1 channel(s) and 2 classes; the data has 1 and 3" in line
 
 
+@pytest.mark.slow
+def test_init_from_mobileutr_weights_trains_mobileutr_ap(tmp_path, capsys, small_apformer_weights):
+    from napari_apformer.model import ModelCard, build_model, save_weights
+
+    torch.manual_seed(0)
+    plain = build_model("mobileutr", 1, 3, sizes={"depths": [1, 1, 1, 1, 1]})
+    weights = tmp_path / "plain.safetensors"
+    save_weights(plain, ModelCard.generic("plain", 1, 3), weights)
+    data = tiny_folder(tmp_path / "data")
+    out = tmp_path / "w" / "grafted"
+    common = ["--images", data, "-o", out, "--steps-per-epoch", 1, "--batch-size", 2]
+    assert run_cli(*common, "--init", weights, "--family", "mobileutr-ap") == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["architecture"] == {**plain.architecture(), "family": "mobileutr-ap"}
+    assert set(card["settings"]) == {"token_threshold", "gate"}
+    assert load_model(out.with_suffix(".safetensors")).family == "mobileutr-ap"
+    capsys.readouterr()
+    other = ["--init", small_apformer_weights, "--family", "mobileutr-ap"]
+    assert run_cli("--images", tmp_path / "missing", "-o", tmp_path / "x", *other) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "small-apformer.safetensors" in line and "mobileutr-ap" in line
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize("kind", ["images", "masks"])
 def test_two_training_files_of_one_name_are_refused(tmp_path, capsys, kind):
     data = tiny_folder(tmp_path / "data")

@@ -21,6 +21,7 @@ from napari_apformer.model.apformer.attention import LayerSizes  # noqa: E402
 from napari_apformer.model.base import InputRule, Prediction, SegmentationModel  # noqa: E402
 from napari_apformer.plugin import widget as widget_module  # noqa: E402
 from napari_apformer.plugin.layers import MASK_ON  # noqa: E402
+from napari_apformer.weights import shipped_weights  # noqa: E402
 from widget_helpers import PLUGIN, TIMEOUT_MS, open_widget, output, wait_idle  # noqa: E402
 
 
@@ -411,6 +412,13 @@ def test_controls_are_rebuilt_for_another_depth_or_family(
     gate.layer_sliders[1].value = 1.5
     wait_idle(qtbot, widget)
     assert widget._last.settings["gate"][1] == pytest.approx(1.5)
+    assert shown(widget, widget.attention_before)
+
+    # MobileUtr prunes nothing: its heads are shown, the "before pruning" view is not offered.
+    widget.weights_file.value = shipped_weights()["mni152-tissue-mobileutr"]
+    wait_idle(qtbot, widget)
+    assert widget.attention_layer.max == 6 and shown(widget, widget.attention_head)
+    assert not shown(widget, widget.attention_before) and not widget.attention_before.value
 
     monkeypatch.setitem(model_base._FAMILIES, TinyNet.family, TinyNet)
     torch.manual_seed(0)

@@ -264,6 +264,11 @@ class QueryAttention(Protocol):
         """(layers, heads)."""
         ...
 
+    def attention_pruned(self) -> bool:
+        """Whether the rows before pruning can differ from those after (the widget offers
+        the "before pruning" view only then)."""
+        ...
+
     def query_attention(
         self, state: Any, token: int, **settings
     ) -> tuple[torch.Tensor, torch.Tensor]:

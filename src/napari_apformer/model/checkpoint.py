@@ -59,6 +59,38 @@ def load_model(
     return model.to(device).eval()
 
 
+def grow_model(source: SegmentationModel, family: str, path: object) -> SegmentationModel:
+    """`family` built with the sizes of `source` and holding every tensor of it: trained
+    weights of a network that `family` extends (mobileutr's in mobileutr-ap); the tensors
+    `family` adds keep their initialisation. InputError naming `path` if they do not fit."""
+    architecture = source.architecture()
+    try:
+        model = build_model(
+            family,
+            source.in_channels,
+            source.n_classes,
+            architecture.get("variant"),
+            architecture.get("sizes"),
+        )
+    except (TypeError, KeyError, ValueError, InputError) as error:
+        raise InputError(
+            f"a {family} model cannot take the sizes of these {source.family} weights "
+            f"({first_line(error)})",
+            path,
+        ) from None
+    target = model.state_dict()
+    given = source.state_dict()
+    misfit = [k for k, v in given.items() if k not in target or target[k].shape != v.shape]
+    if misfit:
+        raise InputError(
+            f"these {source.family} weights do not fit a {family} model: {len(misfit)} of "
+            f"their {len(given)} tensors have no place in it (e.g. {misfit[0]})",
+            path,
+        )
+    model.load_state_dict(given, strict=False)
+    return model
+
+
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard | None]:
     if not path.is_file():
         raise InputError("weights file not found", path)

@@ -67,6 +67,7 @@ class ModelInfo:
     settings: list[Setting]  # defaults: the weights' card values
     map_specs: list[MapSpec]
     attention_shape: tuple[int, int] | None  # (layers, heads); None: no query attention
+    attention_pruned: bool  # whether attention before pruning can differ from after
     card: ModelCard
 
 
@@ -149,6 +150,7 @@ class Session:
             model.settings(),
             model.map_specs(),
             model.attention_shape() if isinstance(model, QueryAttention) else None,
+            isinstance(model, QueryAttention) and model.attention_pruned(),
             segmenter.card,
         )
 

@@ -358,7 +358,12 @@ class APFormerWidget(Container):
     def _build_setting_controls(self, info: ModelInfo) -> None:
         """Controls for the model's settings and its attention; rebuilt only when what they
         are made from changed (family, settings, depth), else just set to the defaults."""
-        key = (info.family, tuple(_without_default(s) for s in info.settings), info.attention_shape)
+        key = (
+            info.family,
+            tuple(_without_default(s) for s in info.settings),
+            info.attention_shape,
+            info.attention_pruned,
+        )
         if key == self._controls_key:
             for setting in info.settings:
                 self.setting_controls[setting.name].set_values(setting.default)
@@ -401,6 +406,9 @@ class APFormerWidget(Container):
         self.attention_head.value = MEAN_OF_HEADS
         for control in self.attention_controls:
             control.visible = info.attention_shape is not None
+        self.attention_before.visible = info.attention_pruned
+        if not info.attention_pruned:
+            self.attention_before.value = False
         self._controls_key = key
 
     def _connect_events(self) -> None:

@@ -111,7 +111,9 @@ def add_train_parser(commands) -> None:
         "--init",
         type=Path,
         default=None,
-        help="start from these weights (their family, sizes and settings)",
+        help="start from these weights (their family, sizes and settings); with --family, "
+        "a family that extends theirs takes all their tensors (mobileutr weights for "
+        "mobileutr-ap)",
     )
     parser.add_argument("--resume", type=Path, default=None, help="a .train-state.pt file")
     parser.add_argument("--no-progress", action="store_true")
@@ -460,9 +462,11 @@ def _family_and_rule(args: argparse.Namespace, given: dict):
     from napari_apformer.train.loop import DEFAULT_FAMILY
 
     if args.init is not None:
-        from napari_apformer.model.checkpoint import load_model
+        from napari_apformer.model.checkpoint import grow_model, load_model
 
         model = load_model(args.init)
+        if args.family is not None and args.family != model.family:
+            model = grow_model(model, args.family, args.init)
         named = len(args.classes.split(",")) if args.classes else None
         if named is not None and named != model.n_classes:
             raise InputError(

@@ -127,16 +127,17 @@ def check_data(train_set: SliceSet, val_set: SliceSet, n_classes: int) -> None:
 
 def build_training_model(card: ModelCard, init: Path | None = None) -> SegmentationModel:
     """The network to train: the card's architecture (default: DEFAULT_FAMILY's first
-    variant), or the weights `init` with their own architecture and settings. The card's
+    variant), or the weights `init` with their own architecture and settings (in the card's
+    family if that one extends theirs: checkpoint.grow_model). The card's
     settings override the model's defaults; afterwards the card records the architecture and
     every setting. InputError if the family cannot be trained or `init` does not fit."""
     wanted = card.architecture.get("family")
     if init is not None:
-        from napari_apformer.model.checkpoint import load_model
+        from napari_apformer.model.checkpoint import grow_model, load_model
 
         model = load_model(init)
         if wanted and wanted != model.family:
-            raise InputError(f"these are {model.family} weights, not {wanted}", init)
+            model = grow_model(model, wanted, init)
         if (model.in_channels, model.n_classes) != (card.in_channels, card.n_classes):
             raise InputError(
                 f"the weights take {model.in_channels} channel(s) and {model.n_classes} "

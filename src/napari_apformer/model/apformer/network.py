@@ -432,6 +432,9 @@ class APFormer(SegmentationModel):
         heads = {s.heads for s in self.layer_sizes}
         return self.depth, max(heads)
 
+    def attention_pruned(self) -> bool:
+        return True
+
     def query_attention(
         self, state: list[torch.Tensor], token: int, **settings
     ) -> tuple[torch.Tensor, torch.Tensor]:

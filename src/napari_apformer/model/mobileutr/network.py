@@ -212,6 +212,10 @@ class MobileUtr(SegmentationModel):
         """(LGL blocks + transformer blocks, heads)."""
         return len(self.lklgl_bottleneck) + len(self.transformer_bottleneck), self.heads
 
+    def attention_pruned(self) -> bool:
+        """MobileUtr prunes nothing."""
+        return False
+
     def query_attention(
         self, state: Sequence[torch.Tensor], token: int, **settings
     ) -> tuple[torch.Tensor, torch.Tensor]:

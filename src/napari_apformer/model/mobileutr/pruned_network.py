@@ -336,6 +336,9 @@ class MobileUtrAP(MobileUtr):
     def prepare_cache(self, encoded: EncodedAP, **settings) -> int:
         return 0  # nothing settings-dependent is cached
 
+    def attention_pruned(self) -> bool:
+        return True
+
     def query_attention(
         self, state: Sequence[torch.Tensor], token: int, **settings
     ) -> tuple[torch.Tensor, torch.Tensor]:
