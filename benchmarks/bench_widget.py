@@ -7,7 +7,10 @@
    setting the slider to the moment every overlay layer holds the new result (the widget is
    idle again). Rows: the shipped default weights moving the threshold; the same at threshold
    1.0 (nothing pruned, the worst case) moving the gate; the authors' released weights
-   (tests/data) moving the threshold.
+   (tests/data) moving the threshold; then every other shipped family's weights: those with
+   a token threshold moving it, those without settings (MobileUtr) rerun by "Run on slice"
+   (a whole pass: MobileUtr has no cached split), with the default weights' "Run on slice"
+   beside them (its encoder is cached, as for a slider).
 2. Under load: 200 threshold changes in quick succession; the longest event-loop stall, how
    many runs they caused, whether the newest value is what is shown, resident memory.
 3. napari start-up with the plugin installed, in a fresh process: whether torch gets imported
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -24,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from napari_apformer.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +44,7 @@ def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
     from napari_apformer.io.formats import read_image_file
     from napari_apformer.model import ModelCard, load_model, save_weights
     from napari_apformer.plugin import widget as widget_module
+    from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 
     torch.set_num_threads(2)
     sample = ROOT / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"
@@ -66,15 +73,22 @@ def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
         app.processEvents()
         return time.perf_counter() - start
 
-    def timed(label: str, slider, values: tuple[float, float]) -> None:
+    def timed(label: str, slider, values: tuple[float, float] = (0, 0)) -> None:
+        """`slider` None: press "Run on slice" instead."""
         wait_idle()
         times, kept = [], []
         for k in range(repeats):
             started = time.perf_counter()
-            slider.value = values[k % 2]  # values[1] is the current value: always a change
+            if slider is None:
+                widget.run_slice.clicked.emit()
+            else:
+                slider.value = values[k % 2]  # values[1] is the current value: a change
             wait_idle()
             times.append(1000 * (time.perf_counter() - started))
-            kept.append(widget._last.stats.fraction("kept_tokens"))
+            stats = widget._last.stats
+            kept.append(
+                stats.fraction("kept_tokens") if "kept_tokens" in stats.counters else math.nan
+            )
         rows.append((label, times, statistics.mean(kept)))
 
     def slider(name: str):  # the controls are rebuilt when the weights change
@@ -90,6 +104,20 @@ def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
     wait_idle()
     slider("token_threshold").value = 0.9
     timed("authors' release, threshold slider", slider("token_threshold"), (0.7, 0.9))
+    for name in shipped_weights():
+        if name == DEFAULT_WEIGHTS:
+            continue
+        widget.weights_choice.value = name
+        wait_idle()
+        if "token_threshold" in widget.setting_controls:
+            slider("token_threshold").value = 0.9
+            timed(f"{name}, threshold slider", slider("token_threshold"), (0.7, 0.9))
+        else:
+            timed(f"{name}, Run on slice", None)
+    widget.weights_choice.value = DEFAULT_WEIGHTS
+    wait_idle()
+    slider("token_threshold").value = 0.9
+    timed(f"{DEFAULT_WEIGHTS}, Run on slice", None)
     load = under_load(app, widget, wait_idle, changes)
     viewer.close()
     return rows, load
@@ -206,7 +234,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--changes", type=int, default=200, help="for the load test")
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU(s)\n")
+    print(f"{describe()}, python {sys.version.split()[0]}\n")
     print("Slider change to updated overlays (256 x 256 slice, napari, 2 torch threads)")
     print("| weights | kept tokens | median ms | p90 ms | max ms | runs |")
     print("|---|---|---|---|---|---|")
@@ -215,7 +243,8 @@ def main() -> None:
         ordered = sorted(times)
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         print(
-            f"| {label} | {100 * kept:.0f} % | {statistics.median(times):.0f} | {p90:.0f} "
+            f"| {label} | {'-' if math.isnan(kept) else f'{100 * kept:.0f} %'} "
+            f"| {statistics.median(times):.0f} | {p90:.0f} "
             f"| {max(times):.0f} | {len(times)} |"
         )
     print(f"\nUnder load: {load['changes']} threshold changes about 2 ms apart (shipped weights)")

@@ -149,7 +149,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sweep_parser(commands) -> None:
     parser = commands.add_parser(
         "sweep",
-        help="Dice and GFLOP over a grid of run-time settings on labelled data",
+        help="Dice, GFLOP and ms per slice over a grid of run-time settings on labelled data",
         description="Segment the validation slices of a labelled data set (the same split as "
         "`apformer train` makes) at every combination of the settings given; print a table "
         "and write OUT.csv, OUT.md and OUT.png (mean Dice against GFLOP per slice). "
