@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -84,13 +85,16 @@ def mask_table(spec: MapSpec, classes: Sequence[dict] = ()) -> list[dict]:
     ]
 
 
+@lru_cache(maxsize=16)
 def image_cells(box: Letterbox, stride: int) -> np.ndarray:
-    """(rows, cols) bool: the grid cells that some pixel of the slice lies in, that is the
-    tokens over the image rather than over the letterbox's padding."""
+    """(rows, cols) bool, read-only: the grid cells that some pixel of the slice lies in,
+    that is the tokens over the image rather than over the letterbox's padding. Cached: a
+    live run asks for it several times per slider move, with the same letterbox."""
     rows, cols = box.grid_shape(stride)
     index = box.grid_to_image(np.arange(rows * cols).reshape(rows, cols), stride)
     cells = np.zeros(rows * cols, bool)
     cells[np.unique(index)] = True
+    cells.flags.writeable = False
     return cells.reshape(rows, cols)
 
 
@@ -250,8 +254,7 @@ class OutputLayers:
         limits = (UNIFORM, top) if top > UNIFORM else (0.0, max(top, UNIFORM))
         layer = self.get(ATTENTION)
         if layer is not None and layer.data.shape == data.shape:
-            layer.contrast_limits = limits
-            _update_in_place(layer, data, translate)
+            _update_in_place(layer, data, translate, limits)
             self._attention_visibility()
             return top
         if layer is not None:
@@ -372,14 +375,22 @@ def _rgb255(colour: str) -> np.ndarray:
     return rgba(colour)[:3].astype(float) * 255
 
 
-def _update_in_place(layer, data: np.ndarray, translate: tuple) -> None:
+def _update_in_place(
+    layer, data: np.ndarray, translate: tuple, limits: tuple[float, float] | None = None
+) -> None:
     """New values for a layer of the same shape. Writing into the array and refreshing is
     much cheaper than assigning `data` or `translate`, which make napari recompute the
-    extent of every layer (tens of ms per layer, measured in benchmarks/bench_widget.py)."""
-    if not np.allclose(layer.translate, translate):
+    extent of every layer (tens of ms per layer, measured in benchmarks/bench_widget.py);
+    with the same shape and place the extent is unchanged, so the refresh skips it too."""
+    moved = not np.allclose(layer.translate, translate)
+    if moved:
         layer.translate = translate
     layer.data[...] = data
-    layer.refresh()
+    if limits is None:
+        layer.refresh(extent=moved)
+    else:  # the setter redraws the thumbnail (from the new values): the refresh need not
+        layer.contrast_limits = limits
+        layer.refresh(extent=moved, thumbnail=False)
 
 
 def _set_classes(layer, table: list[dict]) -> None:
