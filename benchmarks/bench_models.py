@@ -2,7 +2,8 @@
 
     python benchmarks/bench_models.py --mni152 nilearn-0.14.1-py3-none-any.whl [--threads 2]
 
-Rows: `weights/mni152-tissue` (APFormer), `weights/mni152-tissue-slim` (APFormer compressed,
+Rows: `weights/mni152-tissue` (APFormer) at its settings and again with nothing pruned (the
+reference of issue 14's MobileUtr target), `weights/mni152-tissue-slim` (APFormer compressed,
 when present), `weights/mni152-tissue-mobileutr` (MobileUtr; random
 weights if it is absent), MobileUtr-L with random weights (its speed row only) and
 `weights/mni152-tissue-mobileutr-ap` (MobileUtr with APFormer's pruning; while those weights
@@ -10,7 +11,8 @@ are absent, MobileUtr's weights with an untrained pruning head, a speed row only
 parameters; GFLOP per slice at the weights' settings, averaged over the validation slices
 (APFormer's depends on the tokens kept) and unpruned; CPU ms per 256 x 256 slice through the
 engine (`Segmenter.segment`, batch of one slice, the models interleaved round by round in
-this one process so that a drift in the machine's load touches all alike); validation Dice per
+this one process so that a drift in the machine's load touches all alike), and its ratio to
+the first two rows; validation Dice per
 class on the 48 validation slices of `apformer train --mni152` (`train.loop.evaluate`, pixels
 pooled); kept tokens where the family prunes.
 """
@@ -31,11 +33,17 @@ from napari_apformer.model import load_model
 from napari_apformer.model.base import SegmentationModel, build_model
 
 WEIGHTS = Path(__file__).parents[1] / "weights"
+UNPRUNED_ROW = "APFormer (mni152-tissue), nothing pruned"
 
 
 def models() -> list[tuple[str, SegmentationModel, bool]]:
-    """(row name, model, whether its Dice means anything)."""
-    rows = [("APFormer (mni152-tissue)", load_model(WEIGHTS / "mni152-tissue.safetensors"), True)]
+    """(row name, model, whether its Dice means anything). The second row is the first
+    model again, run with nothing pruned (its settings are set in main)."""
+    apformer = load_model(WEIGHTS / "mni152-tissue.safetensors")
+    rows = [
+        ("APFormer (mni152-tissue)", apformer, True),
+        (UNPRUNED_ROW, apformer, True),
+    ]
     slim = WEIGHTS / "mni152-tissue-slim.safetensors"
     if slim.is_file():
         rows.append(("APFormer compressed (mni152-tissue-slim)", load_model(slim), True))
@@ -62,9 +70,9 @@ def models() -> list[tuple[str, SegmentationModel, bool]]:
     return rows
 
 
-def slice_ms(segmenter: Segmenter, prepared) -> float:
+def slice_ms(segmenter: Segmenter, prepared, settings: dict) -> float:
     start = time.perf_counter()
-    segmenter.segment(prepared)
+    segmenter.segment(prepared, **settings)
     return 1000 * (time.perf_counter() - start)
 
 
@@ -91,14 +99,19 @@ def main() -> None:
     rows = models()
     _, val_set = mni152.dataset(args.mni152, Normalisation())
     image = val_set.images[len(val_set) // 2, 0].numpy()  # a validation slice, 256 x 256
+    settings = [
+        model.unpruned_settings() if name == UNPRUNED_ROW else model.defaults()
+        for name, model, _ in rows
+    ]
     segmenters = [Segmenter(model, device="cpu", batch_size=1) for _, model, _ in rows]
     prepared = [s.prepare(image) for s in segmenters]
-    for s, p in zip(segmenters, prepared, strict=True):
-        slice_ms(s, p)  # warm-up
+    runs = list(zip(segmenters, prepared, settings, strict=True))
+    for s, p, values in runs:
+        slice_ms(s, p, values)  # warm-up
     times: list[list[float]] = [[] for _ in rows]
     for _ in range(args.rounds):
-        for k, (s, p) in enumerate(zip(segmenters, prepared, strict=True)):
-            times[k].append(slice_ms(s, p))
+        for k, (s, p, values) in enumerate(runs):
+            times[k].append(slice_ms(s, p, values))
     print(
         f"{describe()}, torch {torch.__version__}; ms: median of {args.rounds} interleaved rounds\n"
     )
@@ -109,23 +122,23 @@ def main() -> None:
         + " | mean Dice | kept tokens |"
     )
     print("|---|---|---|---|" + "---|" * len(names) + "---|---|")
-    reference = statistics.median(times[0])
-    for (name, model, trained), taken in zip(rows, times, strict=True):
+    reference, unpruned = (statistics.median(times[k]) for k in (0, 1))
+    for (name, model, trained), values, taken in zip(rows, settings, times, strict=True):
         params = sum(p.numel() for p in model.parameters())
-        own = mean_gflops(model, val_set.images, model.defaults())
+        own = mean_gflops(model, val_set.images, values)
         full = mean_gflops(model, val_set.images, model.unpruned_settings())
         ms = statistics.median(taken)
         dice_cells, kept = ["-"] * len(names), "-"
         mean = "-"
         if trained:
-            v = evaluate(model, val_set, None, torch.device("cpu"))
+            v = evaluate(model, val_set, values, torch.device("cpu"))
             dice_cells = [f"{d:.4f}" for d in v.dice[1:]]
             mean = f"{v.mean_foreground:.4f}"
             if "kept_tokens" in v.counters:
                 kept = f"{100 * v.counters['kept_tokens']:.1f} %"
         print(
             f"| {name} | {params:,} | {own:.2f} / {full:.2f} | {ms:.0f} "
-            f"({ms / reference:.2f} x APFormer) | "
+            f"({ms / reference:.2f} x APFormer, {ms / unpruned:.2f} x unpruned) | "
             + " | ".join(dice_cells)
             + f" | {mean} | {kept} |"
         )
