@@ -78,7 +78,8 @@ def add_parser(subparsers) -> None:
         default=[],
         metavar="DIMENSION=WEIGHT",
         help="L1 weight of one dimension's factors (0: not searched; default: the family's, "
-        "APFormer: head_channels 1e-4, mlp_hidden 1e-4, heads 0; repeatable)",
+        "APFormer: head_channels 1e-4, mlp_hidden 1e-4, heads 0; MobileUtr: head_channels "
+        "1e-4, mlp_hidden 1e-4; repeatable)",
     )
     search.add_argument("--search-steps", type=int, default=600)
     search.add_argument("--batch-size", type=int, default=4)

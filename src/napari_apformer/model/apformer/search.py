@@ -33,6 +33,13 @@ from torch.nn.utils import parametrize
 from napari_apformer.errors import InputError
 from napari_apformer.model.apformer.attention import LayerSizes
 from napari_apformer.model.base import build_model
+from napari_apformer.model.factors import (
+    UnitScale,
+    effective_state,
+    kept_index,
+    remove_factors,
+    scales,
+)
 
 if TYPE_CHECKING:
     from napari_apformer.model.apformer.network import APFormer
@@ -72,18 +79,6 @@ class QKVScale(nn.Module):
         return rows.reshape(weight.shape)
 
 
-class UnitScale(nn.Module):
-    """Parametrization of the FFN's second Linear: column u times units[u] (= a mask on
-    hidden unit u after the ReLU)."""
-
-    def __init__(self, units: int) -> None:
-        super().__init__()
-        self.units = nn.Parameter(torch.ones(units))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.units.to(weight.dtype)[None, :]
-
-
 def searchable_dimensions(model: APFormer) -> dict[str, list[int]]:
     """Dimension -> per-layer number of factors (units that extraction may remove)."""
     sizes = model.layer_sizes
@@ -120,24 +115,18 @@ def add_search_factors(model: APFormer, dimensions: Sequence[str]) -> dict[str, 
     return search_factors(model)
 
 
-def _scales(module: nn.Module) -> list[nn.Module]:
-    if not parametrize.is_parametrized(module, "weight"):
-        return []
-    return list(module.parametrizations["weight"])  # type: ignore[index,arg-type]
-
-
 def search_factors(model: APFormer) -> dict[str, list[nn.Parameter]]:
     """The attached factors: dimension -> one parameter per layer (dimensions without
     factors are left out)."""
     found: dict[str, list[nn.Parameter]] = {}
     for qkv, fc2 in _layers(model):
-        for scale in _scales(qkv):
+        for scale in scales(qkv):
             if isinstance(scale, QKVScale):
                 if scale.channels is not None:
                     found.setdefault(HEAD_CHANNELS, []).append(scale.channels)
                 if scale.head_factors is not None:
                     found.setdefault(HEADS, []).append(scale.head_factors)
-        for scale in _scales(fc2):
+        for scale in scales(fc2):
             if isinstance(scale, UnitScale):
                 found.setdefault(MLP_HIDDEN, []).append(scale.units)
     return found
@@ -145,9 +134,7 @@ def search_factors(model: APFormer) -> dict[str, list[nn.Parameter]]:
 
 def remove_search_factors(model: APFormer) -> None:
     """Back to the plain weights (the factors are dropped, not folded)."""
-    for module in (m for pair in _layers(model) for m in pair):
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    remove_factors([m for pair in _layers(model) for m in pair])
 
 
 def slimmed_sizes(model: APFormer, counts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
@@ -166,42 +153,20 @@ def slimmed_sizes(model: APFormer, counts: Mapping[str, Sequence[int]]) -> dict[
     return {**model.sizes(), "layers": layers}
 
 
-def _effective_state(model: APFormer) -> dict[str, torch.Tensor]:
-    """The state_dict of the plain network, parametrized weights as the forward pass sees
-    them (the factors folded in)."""
-    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            state[f"{name}.weight"] = module.weight.detach()
-    return state
-
-
-def _kept_index(keep: Mapping[str, Sequence[torch.Tensor]], name: str, layer: int, size: int):
-    masks = keep.get(name)
-    if masks is None:
-        return torch.arange(size)
-    mask = torch.as_tensor(masks[layer], dtype=torch.bool).cpu()
-    if mask.shape != (size,):
-        raise ValueError(f"layer {layer}: a {name} mask of shape {tuple(mask.shape)}, not {size}")
-    if not mask.any():
-        raise ValueError(f"layer {layer}: the {name} mask keeps nothing")
-    return mask.nonzero().flatten()
-
-
 @torch.no_grad()
 def slimmed(model: APFormer, keep: Mapping[str, Sequence[torch.Tensor]]) -> APFormer:
     """A physically smaller APFormer that keeps the units `keep` marks (dimension -> one
     bool mask per layer; dimensions not given keep all), with the current factors folded
     into its weights: it computes what `model` computes with the removed units' factors set
     to 0 (up to float rounding). Same device and mode as `model`, no card."""
-    state = _effective_state(model)
+    state = effective_state(model)
     indices = []
     for i, sizes in enumerate(model.layer_sizes):
         indices.append(
             {
-                HEADS: _kept_index(keep, HEADS, i, sizes.heads),
-                HEAD_CHANNELS: _kept_index(keep, HEAD_CHANNELS, i, sizes.dim_head),
-                MLP_HIDDEN: _kept_index(keep, MLP_HIDDEN, i, sizes.mlp),
+                HEADS: kept_index(keep, HEADS, i, sizes.heads),
+                HEAD_CHANNELS: kept_index(keep, HEAD_CHANNELS, i, sizes.dim_head),
+                MLP_HIDDEN: kept_index(keep, MLP_HIDDEN, i, sizes.mlp),
             }
         )
     counts = {name: [len(ix[name]) for ix in indices] for name in DIMENSIONS}

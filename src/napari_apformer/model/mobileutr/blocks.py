@@ -7,6 +7,8 @@ C width, H x W a feature map, N = H W tokens (row-major), n = N / 4 sampled toke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,23 @@ LGL_DROP_PATH = 0.1  # the release's constant rate in every LGL block
 # Explicit attention materialises (h, q, n) scores; queries go in chunks of at most this many
 # scores so a large slice does not need h N^2 floats at once.
 SCORES_PER_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """The inner widths of one bottleneck block: per head, the query/key and the value
+    channels; the MLP's hidden units; the softmax scale. The release's are `release(dim,
+    heads)`; a compressed block keeps fewer channels or units but its original scale."""
+
+    dim_qk: int
+    dim_v: int
+    mlp: int
+    scale: float
+
+    @classmethod
+    def release(cls, dim: int, heads: int) -> BlockSizes:
+        head = dim // heads
+        return cls(head, head, MLP_RATIO * dim, head**-0.5)
 
 
 class DropPath(nn.Module):
@@ -124,13 +143,13 @@ class CMlp(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Linear C -> 4C, GELU, Linear 4C -> C."""
+    """Linear C -> hidden (the release: 4C), GELU, Linear hidden -> C."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, MLP_RATIO * dim)
+        self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(MLP_RATIO * dim, dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -192,19 +211,26 @@ class GlobalSparseAttn(nn.Module):
     GlobalSparseAttn). With `sample` 2 the queries, keys and values are all the pixels
     (2i, 2j) (the release's AvgPool2d(1, 2) picks them; it does not average), and the result
     is spread back over each 2 x 2 cell by a depthwise transposed convolution (`LocalProp`)
-    and a LayerNorm; with `sample` 1 it is plain attention over all N tokens."""
+    and a LayerNorm; with `sample` 1 it is plain attention over all N tokens.
 
-    def __init__(self, dim: int, heads: int, sample: int) -> None:
+    Per head, queries and keys have `sizes.dim_qk` channels and values `sizes.dim_v` (both
+    C / h in the release; fewer after compression), and the scale is `sizes.scale`, recorded
+    rather than derived from the widths."""
+
+    def __init__(self, dim: int, heads: int, sample: int, sizes: BlockSizes | None = None) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not a multiple of {heads} heads")
-        self.heads, self.sample = heads, sample
-        self.scale = (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        sizes = sizes or BlockSizes.release(dim, heads)
+        self.heads, self.sample, self.scale = heads, sample, sizes.scale
+        self.qk_width, self.v_width = heads * sizes.dim_qk, heads * sizes.dim_v
+        self.qkv = nn.Linear(dim, 2 * self.qk_width + self.v_width)
+        self.proj = nn.Linear(self.v_width, dim)
         if sample > 1:
-            self.LocalProp = nn.ConvTranspose2d(dim, dim, sample, stride=sample, groups=dim)
-            self.norm = nn.LayerNorm(dim, eps=PROPAGATION_EPS)
+            self.LocalProp = nn.ConvTranspose2d(
+                self.v_width, self.v_width, sample, stride=sample, groups=self.v_width
+            )
+            self.norm = nn.LayerNorm(self.v_width, eps=PROPAGATION_EPS)
 
     def sampled(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The tokens attention runs on: (B, N, C) -> (B, n, C)."""
@@ -214,10 +240,13 @@ class GlobalSparseAttn(nn.Module):
         return grid[:, :: self.sample, :: self.sample].flatten(1, 2)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v (B, h, n, C / h) of sampled tokens (B, n, C): the first C outputs of `qkv`
-        are the queries, the next C the keys, the last C the values; head-major within each."""
-        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        """q, k (B, h, n, dim_qk) and v (B, h, n, dim_v) of sampled tokens (B, n, C): the
+        outputs of `qkv` are the queries, then the keys, then the values; head-major within
+        each."""
+        widths = [self.qk_width, self.qk_width, self.v_width]
+        parts = self.qkv(x).split(widths, dim=-1)
+        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in parts)
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, height: int, width: int, trace: list | None = None
@@ -245,14 +274,22 @@ class SelfAttn(nn.Module):
     """x + DW3(x) (conditional position encoding), then a pre-norm transformer layer on the
     tokens: t + GSA(LN(t)), t + MLP(LN(t))."""
 
-    def __init__(self, dim: int, heads: int, sample: int, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        sample: int,
+        drop_path: float = 0.0,
+        sizes: BlockSizes | None = None,
+    ) -> None:
         super().__init__()
+        sizes = sizes or BlockSizes.release(dim, heads)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=TOKEN_EPS)
-        self.attn = GlobalSparseAttn(dim, heads, sample)
+        self.attn = GlobalSparseAttn(dim, heads, sample, sizes)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=TOKEN_EPS)
-        self.mlp = Mlp(dim)
+        self.mlp = Mlp(dim, sizes.mlp)
 
     def forward(self, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         x = x + self.pos_embed(x)
@@ -266,12 +303,20 @@ class SelfAttn(nn.Module):
 class LGLBlock(nn.Module):
     """LocalAgg then SelfAttn with 2 x 2 token sampling (the LGL stage), or SelfAttn alone
     over every token (the transformer stage: the release's LGLBlock with sr_ratio 1, whose
-    LocalAgg is the identity)."""
+    LocalAgg is the identity). sizes: the attention's and MLP's inner widths (default: the
+    release's)."""
 
-    def __init__(self, dim: int, heads: int, sample: int, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        sample: int,
+        drop_path: float = 0.0,
+        sizes: BlockSizes | None = None,
+    ) -> None:
         super().__init__()
         self.LocalAgg = LocalAgg(dim, drop_path) if sample > 1 else nn.Identity()
-        self.SelfAttn = SelfAttn(dim, heads, sample, drop_path)
+        self.SelfAttn = SelfAttn(dim, heads, sample, drop_path, sizes)
 
     def forward(self, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         return self.SelfAttn(self.LocalAgg(x), trace)

@@ -39,8 +39,8 @@ def attention_flops(attn: GlobalSparseAttn, rows: int, cols: int) -> int:
     tokens = rows * cols
     sampled_rows, sampled_cols = rows // attn.sample, cols // attn.sample
     n = sampled_rows * sampled_cols
-    width = attn.proj.in_features
-    total = linear_flops(attn.qkv, n) + 2 * 2 * n * n * width + linear_flops(attn.proj, tokens)
+    scores_and_values = 2 * n * n * (attn.qk_width + attn.v_width)  # Q K^T, then A V
+    total = linear_flops(attn.qkv, n) + scores_and_values + linear_flops(attn.proj, tokens)
     if attn.sample > 1:
         total += conv_flops(attn.LocalProp, sampled_rows, sampled_cols)
     return total

@@ -9,7 +9,9 @@ the release, the input is taken as it is: no hidden 1 -> 3 channel replication.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -19,9 +21,11 @@ from torch import nn
 from napari_apformer.errors import InputError
 from napari_apformer.model.base import InputRule, Prediction, SegmentationModel
 from napari_apformer.model.losses import soft_dice_loss
+from napari_apformer.model.mobileutr import search as mobileutr_search
 from napari_apformer.model.mobileutr.blocks import (
     LGL_DROP_PATH,
     SAMPLE,
+    BlockSizes,
     ConvBlock,
     Embeddings,
     LGLBlock,
@@ -76,17 +80,22 @@ class MobileUtr(SegmentationModel):
         kernels: Sequence[int] = (3, 3, 7),
         heads: int = 4,
         variant: str = "default",
+        blocks: Sequence[BlockSizes] | None = None,
     ) -> None:
         super().__init__(in_channels, n_classes, variant)
         self.dims, self.depths, self.kernels = list(dims), list(depths), list(kernels)
         self.heads = heads
         d0, d1, d2, d3 = self.dims
+        self.block_sizes = list(blocks) if blocks is not None else self.release_blocks()
+        if len(self.block_sizes) != self.depths[3] + self.depths[4]:
+            raise ValueError("one BlockSizes per LGL and transformer block")
+        lgl, transformer = self.block_sizes[: self.depths[3]], self.block_sizes[self.depths[3] :]
         self.patch_embeddings = Embeddings(in_channels, self.dims, self.depths, self.kernels)
         self.lklgl_bottleneck = nn.ModuleList(
-            LGLBlock(d2, heads, SAMPLE, LGL_DROP_PATH) for _ in range(self.depths[3])
+            LGLBlock(d2, heads, SAMPLE, LGL_DROP_PATH, sizes) for sizes in lgl
         )
         self.transformer_bottleneck = nn.ModuleList(
-            LGLBlock(d3, heads, 1) for _ in range(self.depths[4])
+            LGLBlock(d3, heads, 1, sizes=sizes) for sizes in transformer
         )
         self.expend_dims = ConvBlock(d2, d3)
         self.reduce_dims = ConvBlock(d3, d2)
@@ -103,13 +112,24 @@ class MobileUtr(SegmentationModel):
     def input_rule(self) -> InputRule:
         return InputRule(multiple=MULTIPLE)
 
+    def release_blocks(self) -> list[BlockSizes]:
+        """The release's inner widths of every bottleneck block, LGL blocks first."""
+        return [BlockSizes.release(self.dims[2], self.heads)] * self.depths[3] + [
+            BlockSizes.release(self.dims[3], self.heads)
+        ] * self.depths[4]
+
     def sizes(self) -> dict[str, Any]:
-        return {
+        """The release's sizes; "blocks" (each bottleneck block's inner widths) only where
+        they are not the release's, so release-shaped cards stay as they were."""
+        sizes: dict[str, Any] = {
             "dims": list(self.dims),
             "depths": list(self.depths),
             "kernels": list(self.kernels),
             "heads": self.heads,
         }
+        if self.block_sizes != self.release_blocks():
+            sizes["blocks"] = [asdict(b) for b in self.block_sizes]
+        return sizes
 
     @classmethod
     def from_sizes(
@@ -158,7 +178,8 @@ class MobileUtr(SegmentationModel):
             raise InputError(
                 f"MobileUtr widths {dims[2]} and {dims[3]} must be multiples of {heads} heads"
             )
-        return cls(in_channels, n_classes, dims, depths, kernels, heads, variant)
+        blocks = _block_sizes(sizes.get("blocks"), depths[3] + depths[4])
+        return cls(in_channels, n_classes, dims, depths, kernels, heads, variant, blocks=blocks)
 
     @classmethod
     def recognise(cls, state) -> dict | None:
@@ -304,7 +325,53 @@ class MobileUtr(SegmentationModel):
     def parameter_groups(self, learning_rate: float, **options) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": learning_rate}]
 
+    # -- compression (JointSearch; the factors and the slicing are in search.py) ---------------
+    def searchable_dimensions(self) -> dict[str, list[int]]:
+        """Per bottleneck block (LGL blocks first): head channels and MLP hidden units."""
+        return mobileutr_search.searchable_dimensions(self)
+
+    def search_defaults(self) -> dict[str, dict]:
+        """Per dimension: label, L1 weight ("lambda", 0: not searched) and per-layer floor."""
+        return {name: dict(values) for name, values in mobileutr_search.SEARCH_DEFAULTS.items()}
+
+    def add_search_factors(self, dimensions: Sequence[str]) -> dict[str, list[nn.Parameter]]:
+        return mobileutr_search.add_search_factors(self, dimensions)
+
+    def search_factors(self) -> dict[str, list[nn.Parameter]]:
+        return mobileutr_search.search_factors(self)
+
+    def remove_search_factors(self) -> None:
+        mobileutr_search.remove_search_factors(self)
+
+    def slimmed_sizes(self, counts: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        return mobileutr_search.slimmed_sizes(self, counts)
+
+    def slimmed(self, keep: Mapping[str, Sequence[torch.Tensor]]) -> MobileUtr:
+        return mobileutr_search.slimmed(self, keep)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_classes, H, W) of x (B, in_channels, H, W), H and W multiples of 16."""
         self.check_input(x)
         return self.run(x)
+
+
+def _block_sizes(blocks: Any, count: int) -> list[BlockSizes] | None:
+    """The recorded inner widths of the `count` bottleneck blocks (None: the release's);
+    InputError for a malformed record."""
+    if blocks is None:
+        return None
+    try:
+        parsed = [
+            BlockSizes(int(b["dim_qk"]), int(b["dim_v"]), int(b["mlp"]), float(b["scale"]))
+            for b in blocks
+        ]
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(f"MobileUtr block sizes are malformed ({error})") from None
+    if len(parsed) != count:
+        raise InputError(
+            f"MobileUtr sizes record {len(parsed)} bottleneck blocks, the depths give {count}"
+        )
+    for i, b in enumerate(parsed):
+        if min(b.dim_qk, b.dim_v, b.mlp) < 1 or not (math.isfinite(b.scale) and b.scale > 0):
+            raise InputError(f"MobileUtr bottleneck block {i}: sizes out of range ({b})")
+    return parsed

@@ -105,6 +105,10 @@ class MobileUtrAP(MobileUtr):
 
     family = "mobileutr-ap"
     variants: ClassVar = MobileUtr.variants
+    # Not compressible: its transformer blocks carry the pruning attention, which the joint
+    # search does not slice. None switches MobileUtr's JointSearch off (as `__hash__ = None`
+    # does hashing), so `compress.capability.joint_search` refuses the family in one line.
+    searchable_dimensions = None  # type: ignore[assignment]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

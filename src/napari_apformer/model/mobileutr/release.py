@@ -7,13 +7,19 @@ A `state_dict` wrapper (U-Bench) and `module.` prefixes are removed by `checkpoi
 
 The head count is not stored in the tensors (the release derives it from `embed_dim`): widths
 that match a variant take that variant's; other widths need a model card with the sizes.
+Compressed bottleneck blocks (narrower attention or MLP, search.py) are read from the shapes
+of `qkv`, `proj` and `fc1`; their softmax scale, which no tensor holds, is taken to be the
+release's (compression keeps it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 
 import torch
+
+from napari_apformer.model.mobileutr.blocks import BlockSizes
 
 OURS = "lklgl_bottleneck."
 ALIASES = ("adaptive_lgl_bottleneck.",)
@@ -87,12 +93,47 @@ def architecture_of(state: Mapping[str, torch.Tensor]) -> dict | None:
     for name, sizes in MobileUtr.variants.items():
         if dims == sizes["dims"]:
             variant, heads = name, sizes["heads"]
+    sizes = {"dims": dims, "depths": depths, "kernels": kernels, "heads": heads}
+    if heads is not None:
+        blocks = block_sizes_of(state, dims[2:], depths[3:], heads)
+        if blocks is not None:
+            sizes["blocks"] = blocks
     return {
         "in_channels": int(state[STEM].shape[1]) if STEM in state else 1,
         "n_classes": int(state["head.weight"].shape[0]) if "head.weight" in state else 1,
         "variant": variant,
-        "sizes": {"dims": dims, "depths": depths, "kernels": kernels, "heads": heads},
+        "sizes": sizes,
     }
+
+
+def block_sizes_of(
+    state: Mapping[str, torch.Tensor], dims: list[int], depths: list[int], heads: int
+) -> list[dict] | None:
+    """The inner widths of the LGL and transformer blocks (stage widths `dims`, block counts
+    `depths`) as the sizes' "blocks" record, None where every block is the release's (or a
+    tensor is missing: the strict load names it). A block whose shapes no compression could
+    have left (wider than the release's, or not whole heads) is taken to be the release's,
+    so that the strict load names the tensor of the wrong shape."""
+    blocks, release = [], []
+    for pattern, dim, depth in zip(BLOCKS[3:], dims, depths, strict=True):
+        for i in range(depth):
+            prefix = pattern.format(i).removesuffix("attn.qkv.weight")
+            keys = [prefix + k for k in ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight")]
+            if not all(key in state and state[key].dim() == 2 for key in keys):
+                return None
+            qkv, proj, fc1 = (state[key] for key in keys)  # rows [q; k; v], proj takes v
+            v_width = proj.shape[1]
+            dim_qk, dim_v = (qkv.shape[0] - v_width) // (2 * heads), v_width // heads
+            default = BlockSizes.release(dim, heads)
+            found = BlockSizes(dim_qk, dim_v, fc1.shape[0], default.scale)
+            whole = qkv.shape[0] == heads * (2 * dim_qk + dim_v) and v_width == heads * dim_v
+            narrower = all(
+                1 <= getattr(found, name) <= getattr(default, name)
+                for name in ("dim_qk", "dim_v", "mlp")
+            )
+            release.append(default)
+            blocks.append(found if whole and narrower else default)
+    return None if blocks == release else [asdict(b) for b in blocks]
 
 
 def fold_grey_stem(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
