@@ -280,6 +280,34 @@ def test_an_interrupted_overwrite_keeps_the_old_pair(tmp_path, toy, monkeypatch,
     assert "exists, skipped (--overwrite replaces it)" in capsys.readouterr().err
 
 
+def test_a_run_stopped_before_the_labels_rename_is_redone(tmp_path, toy, capsys, monkeypatch):
+    """As a SIGKILL between the renames of a first run leaves it: the sidecar in place, no
+    labels (they are renamed last). A rerun must redo the file, not skip it."""
+    from napari_apformer.io import files
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    picture(folder / "a.png")
+    args = ["predict", str(folder / "a.png"), "-o", str(out / "a_seg.png"), "--weights", str(toy)]
+    real_replace = os.replace
+
+    def killed_at_the_labels(source, destination):
+        if Path(destination).name == "a_seg.png":
+            raise RuntimeError("killed")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(files.os, "replace", killed_at_the_labels)
+    main(args)
+    assert (out / "a_seg.json").is_file() and not (out / "a_seg.png").exists()
+    monkeypatch.setattr(files.os, "replace", real_replace)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipped" not in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.json", "a_seg.png"]
+    assert json.loads((out / "a_seg.json").read_text())["labels_file"]["sha256"] == (
+        hashlib.sha256((out / "a_seg.png").read_bytes()).hexdigest()
+    )
+
+
 def test_labels_that_do_not_match_their_sidecar_are_not_skipped_silently(tmp_path, toy, capsys):
     """As a SIGKILL between the two renames would leave it: new labels, the old sidecar."""
     folder, out = tmp_path / "in", tmp_path / "out"

@@ -576,16 +576,17 @@ def failure_message(error: Exception, source: Path, target: Path) -> tuple[str, 
 
 
 def output_files(target: Path, probabilities: bool = False) -> list[Path]:
-    """Every file written for one input, in the order they are renamed into place: labels,
-    probabilities (on request), descriptions for other viewers (ITK-SNAP beside NIfTI), and
-    last the JSON sidecar that records the labels' SHA-256."""
+    """Every file written for one input, in the order they are renamed into place:
+    probabilities (on request), descriptions for other viewers (ITK-SNAP beside NIfTI), the
+    JSON sidecar that records the labels' SHA-256, and last the labels, whose presence is
+    what a rerun takes for "done": a run killed before that rename is redone."""
     from napari_apformer.io.formats import class_table_path, label_description_paths
 
     return [
-        target,
         *([probabilities_path(target)] if probabilities else []),
         *label_description_paths(target),
         class_table_path(target),
+        target,
     ]
 
 
@@ -663,10 +664,11 @@ def write_outputs(
     """Labels (in the format of `target`'s suffix: NIfTI, NRRD with 3D Slicer's segment
     fields, MetaImage, DICOM SEG, PNG, TIFF), probabilities (`(array, stored type)`, on
     request), the ITK-SNAP label description beside NIfTI labels, and the sidecar, written to
-    temporary names and renamed into place in that order, the sidecar (which records the
-    labels' SHA-256) last, with SIGINT/SIGTERM held back in between: an interrupted run leaves
-    all or none, and a rerun that finds labels whose sidecar does not match them (a SIGKILL
-    between the renames) says so."""
+    temporary names and renamed into place in the order of `output_files` (the labels last),
+    with SIGINT/SIGTERM held back in between: an interrupted run leaves all or none. After a
+    SIGKILL between the renames a first run has left no labels (a rerun redoes the file),
+    and an --overwrite run the old labels beside the new sidecar (a rerun says they do not
+    match)."""
     import json
 
     from napari_apformer.io.formats import write_labels
@@ -677,7 +679,7 @@ def write_outputs(
     classes = table["labels"]
 
     def write(temporaries: list[Path]) -> None:
-        labels_tmp, *others, sidecar_tmp = temporaries
+        *others, sidecar_tmp, labels_tmp = temporaries
         if compound_suffix(target) == ".dcm":
             write_dicom_seg(labels_tmp, labels, image_file.nifti, classes, image_file.source)
         else:
@@ -689,7 +691,7 @@ def write_outputs(
                 others.pop(0), values, image_file.nifti, image_file.spacing, stored
             )
             record["probabilities_file"] = {
-                "name": paths[1].name,
+                "name": paths[0].name,
                 "stored_as": stored,
                 "classes_axis": 4,
                 "classes": [c["name"] for c in classes],
