@@ -444,3 +444,32 @@ def test_apformer_compress_is_a_command(capsys):
         main(["compress", "--help"])
     assert stop.value.code == 0
     assert "--target-params" in capsys.readouterr().out
+
+
+def test_compress_takes_the_data_options_and_checks_of_train(tmp_path):
+    """One definition (train.command.add_data_arguments): the same names, defaults and split
+    seed as `apformer train`, and the same one-line refusals, before the weights are read."""
+    from napari_apformer.compress import command
+    from napari_apformer.train.command import add_train_parser
+
+    parser = argparse.ArgumentParser(prog="apformer")
+    commands = parser.add_subparsers()
+    command.add_parser(commands)
+    add_train_parser(commands)
+    data = ["--images", str(tmp_path / "data"), "-o", str(tmp_path / "out")]
+    compress_args = parser.parse_args(["compress", *data])
+    train_args = parser.parse_args(["train", *data])
+    for name in ("mni152", "images", "nifti", "release", "axes", "val_fraction", "seed"):
+        assert getattr(compress_args, name) == getattr(train_args, name)
+    missing = str(tmp_path / "missing.safetensors")  # the data options fail first
+    for bad, message in [
+        (["--val-fraction", "1.5"], "--val-fraction takes a fraction between 0 and 1"),
+        (["--val-fraction", "0"], "--val-fraction takes a fraction between 0 and 1"),
+        (["--axes", "x"], "--axes takes distinct slice axes 0, 1 or 2"),
+        (["--axes", "2,2"], "--axes takes distinct slice axes 0, 1 or 2"),
+    ]:
+        args = parser.parse_args(["compress", *data, "--weights", missing, *bad])
+        with pytest.raises(InputError, match=message):
+            args.run(args)
+    with pytest.raises(SystemExit):  # one data set only, as in train
+        parser.parse_args(["compress", *data, "--nifti", str(tmp_path)])

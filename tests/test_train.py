@@ -397,6 +397,7 @@ def test_train_never_replaces_earlier_weights_without_overwrite(tmp_path, capsys
         (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1, not 0"),
         (["--max-minutes", "nan"], "--max-minutes takes a time above 0"),
         (["--val-fraction", "1.5"], "--val-fraction takes a fraction between 0 and 1"),
+        (["--axes", "x"], "--axes takes distinct slice axes 0, 1 or 2 separated by commas"),
         (["--gate-sparsity", "inf"], "--gate-sparsity takes a weight of 0 or more"),
         (["--device", "meta"], "--device: unknown device 'meta'"),
         (["--resume", "{weights}"], "not a training state (the OUT.train-state.pt that"),

@@ -1,6 +1,7 @@
-"""`apformer compress`: arguments and the run (torch loads lazily). Data options are those
-of `apformer train`; the dimensions, their L1 weights and floors come from the weights'
-family (`compress.capability.JointSearch`)."""
+"""`apformer compress`: arguments and the run (torch loads lazily). The data options, their
+checks and the reading of the data are `apformer train`'s (train.command: add_data_arguments,
+check_data_arguments, load_data); the dimensions, their L1 weights and floors come from the
+weights' family (`compress.capability.JointSearch`)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,6 @@ def add_parser(subparsers) -> None:
     )
     search.add_argument("--weight-decay", type=float, default=1e-5, help="weights only")
     search.add_argument("--ssa-every", type=int, default=6, help="APFormer's SSA term period")
-    search.add_argument("--seed", type=int, default=0, help="also the data split's seed")
     search.add_argument(
         "--max-minutes",
         type=float,
@@ -124,7 +124,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true")
-    parser.set_defaults(run=run, classes=None)
+    parser.set_defaults(run=run)
 
 
 def assignments(texts: list[str], flag: str, kind: type) -> dict:
@@ -160,9 +160,10 @@ def _compress(args: argparse.Namespace) -> int:
     from napari_apformer.compress.pipeline import CompressConfig, FinetuneConfig, compress
     from napari_apformer.compress.search import SearchConfig, searched_dimensions
     from napari_apformer.model.checkpoint import load_model, sha256_of
-    from napari_apformer.train.command import load_data
+    from napari_apformer.train.command import check_data_arguments, load_data
     from napari_apformer.weights import resolve_weights
 
+    check_data_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.search_steps < 0 or args.finetune_steps < 0:

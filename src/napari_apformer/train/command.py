@@ -72,7 +72,6 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--ssa-every",
         type=int,
@@ -121,6 +120,10 @@ def add_train_parser(commands) -> None:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data options of every command that reads a labelled data set (train, compress,
+    sweep): everything `load_data` reads, defined here only, so that the names, help,
+    defaults and the split (the same --seed gives the same split in each) cannot drift apart.
+    `check_data_arguments` checks them."""
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument(
         "--mni152",
@@ -144,6 +147,34 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.2,
         help="files held out for validation (--images, --nifti)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the validation split (--images, --nifti; the same seed gives the same "
+        "split in train, compress and sweep) and of the run's other random choices",
+    )
+
+
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """One line for a data option (add_data_arguments) that cannot be used, before anything
+    is read."""
+    if not 0 < args.val_fraction < 1:
+        raise InputError(
+            f"--val-fraction takes a fraction between 0 and 1 (e.g. 0.2), not {args.val_fraction}"
+        )
+    data_axes(args.axes)
+
+
+def data_axes(text: str) -> list[int]:
+    """--axes '0,1,2' -> [0, 1, 2]; InputError for anything but distinct axes 0, 1 and 2."""
+    parts = [part.strip() for part in text.split(",")]
+    if any(part not in ("0", "1", "2") for part in parts) or len(set(parts)) < len(parts):
+        raise InputError(
+            "--axes takes distinct slice axes 0, 1 or 2 separated by commas (e.g. 2 or 0,1,2), "
+            f"not {text!r}"
+        )
+    return [int(part) for part in parts]
 
 
 def add_sweep_parser(commands) -> None:
@@ -183,10 +214,9 @@ def add_sweep_parser(commands) -> None:
         "e.g. -4,-2,0,2",
     )
     parser.add_argument("--split", choices=("val", "train", "all"), default="val")
-    parser.add_argument("--seed", type=int, default=0, help="the split's seed (as in train)")
     parser.add_argument("-o", "--out", type=Path, required=True, help="output path, no suffix")
     parser.add_argument("--threads", type=int, default=None)
-    parser.set_defaults(run=run_sweep, classes=None)
+    parser.set_defaults(run=run_sweep)
 
 
 # Sweep flags users already know: each is a list of single values of one setting.
@@ -232,6 +262,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from napari_apformer.train.datasets import SliceSet
     from napari_apformer.weights import resolve_weights
 
+    check_data_arguments(args)
     apply_threads(args.threads)
     model = load_model(resolve_weights(args.weights))
     axes = sweep_axes(args, model)
@@ -383,10 +414,7 @@ def check_train_arguments(args: argparse.Namespace) -> None:
         math.isfinite(args.max_minutes) and args.max_minutes > 0
     ):
         raise InputError(f"--max-minutes takes a time above 0, not {args.max_minutes}")
-    if not 0 < args.val_fraction < 1:
-        raise InputError(
-            f"--val-fraction takes a fraction between 0 and 1 (e.g. 0.2), not {args.val_fraction}"
-        )
+    check_data_arguments(args)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -500,7 +528,7 @@ def load_data(args: argparse.Namespace, normalisation, n_classes: int, rule=None
         source = None if args.mni152 == "installed" else Path(args.mni152)
         train_set, val_set = mni152.dataset(source, normalisation, rule)
         return train_set, val_set, mni152.CLASSES, mni152.DATA_TEXT, mni152.LICENCE_TEXT
-    axes = [int(a) for a in args.axes.split(",")]
+    axes = data_axes(args.axes)
     options = {
         "in_channels": 1,
         "normalisation": normalisation,
