@@ -467,6 +467,8 @@ def test_compress_takes_the_data_options_and_checks_of_train(tmp_path):
         (["--val-fraction", "0"], "--val-fraction takes a fraction between 0 and 1"),
         (["--axes", "x"], "--axes takes distinct slice axes 0, 1 or 2"),
         (["--axes", "2,2"], "--axes takes distinct slice axes 0, 1 or 2"),
+        (["--threads", "-1"], "--threads takes a number of CPU threads"),  # as train's
+        (["--device", "meta"], "--device: unknown device 'meta'"),
     ]:
         args = parser.parse_args(["compress", *data, "--weights", missing, *bad])
         with pytest.raises(InputError, match=message):

@@ -122,7 +122,9 @@ def add_parser(subparsers) -> None:
     tune.add_argument("--ema", type=float, default=0.99, help="weight average when fine-tuning")
     parser.add_argument("--no-base-validation", action="store_true")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (0: every core)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 
@@ -153,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    import torch
 
+    from napari_apformer.cli import apply_threads, check_device
     from napari_apformer.compress.budget import DEFAULT_KEEP, Budget, check_reachable
     from napari_apformer.compress.capability import joint_search
     from napari_apformer.compress.pipeline import CompressConfig, FinetuneConfig, compress
@@ -164,8 +166,8 @@ def _compress(args: argparse.Namespace) -> int:
     from napari_apformer.weights import resolve_weights
 
     check_data_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    check_device(args.device)
+    apply_threads(args.threads)
     if args.search_steps < 0 or args.finetune_steps < 0:
         raise InputError("--search-steps and --finetune-steps must be 0 or more")
     if args.batch_size < 1 or args.ssa_every < 1 or args.finetune_steps_per_epoch < 1:
