@@ -467,6 +467,7 @@ def test_compress_takes_the_data_options_and_checks_of_train(tmp_path):
         (["--val-fraction", "0"], "--val-fraction takes a fraction between 0 and 1"),
         (["--axes", "x"], "--axes takes distinct slice axes 0, 1 or 2"),
         (["--axes", "2,2"], "--axes takes distinct slice axes 0, 1 or 2"),
+        (["--seed", "-1"], "--seed takes 0 or more, not -1"),
         (["--threads", "-1"], "--threads takes a number of CPU threads"),  # as train's
         (["--device", "meta"], "--device: unknown device 'meta'"),
     ]:

@@ -13,7 +13,6 @@ from pathlib import Path
 from napari_apformer.errors import InputError
 from napari_apformer.hardware import cpu_name
 
-DATA_KINDS = ("mni152", "images", "nifti", "release")
 # Files `apformer train -o OUT` writes beside OUT (never replaced without --overwrite)
 OUTPUT_SUFFIXES = (
     ".safetensors",
@@ -164,6 +163,8 @@ def check_data_arguments(args: argparse.Namespace) -> None:
             f"--val-fraction takes a fraction between 0 and 1 (e.g. 0.2), not {args.val_fraction}"
         )
     data_axes(args.axes)
+    if args.seed < 0:
+        raise InputError(f"--seed takes 0 or more, not {args.seed}")
 
 
 def data_axes(text: str) -> list[int]:
