@@ -106,6 +106,9 @@ class MobileUtr(SegmentationModel):
         self.Up_conv2 = ConvBlock(2 * d0, d0)
         self.Up1 = UpConv(d0, d0)
         self.head = nn.Conv2d(d0, n_classes, 1)
+        # Channels-last convolutions (depth-wise and large kernels most) run faster on the CPU
+        # (docs/models.md); loading a state_dict and moving devices keep this layout.
+        self.to(memory_format=torch.channels_last)
 
     # -- the family interface ----------------------------------------------------------------
     @property
@@ -297,7 +300,7 @@ class MobileUtr(SegmentationModel):
     def run(self, x: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         """Logits (B, n_classes, H, W); trace: where given, each bottleneck layer's attention
         tokens (B, n, C) are appended."""
-        s0, s1, s2 = self.patch_embeddings(x)
+        s0, s1, s2 = self.patch_embeddings(x.contiguous(memory_format=torch.channels_last))
         pooled = F.max_pool2d(s2, 2)  # the bottleneck's input and the first skip
         y = pooled
         for block in self.lklgl_bottleneck:

@@ -212,7 +212,7 @@ class MobileUtrAP(MobileUtr):
         self.check_input(x)
         if self._one_at_a_time(x):
             return EncodedAP.cat([self.encode(x[i : i + 1]) for i in range(x.shape[0])])
-        s0, s1, s2 = self.patch_embeddings(x)
+        s0, s1, s2 = self.patch_embeddings(x.contiguous(memory_format=torch.channels_last))
         pooled = F.max_pool2d(s2, 2)
         trace: list[torch.Tensor] = []
         y = pooled
