@@ -29,6 +29,20 @@ SAMPLE = Path(widget_module.__file__).parents[1] / "samples/mni152_t1_2mm.nii.gz
 EDITED = (1, 3, 5)
 
 
+@pytest.fixture(autouse=True)
+def two_slices_a_step(monkeypatch) -> None:
+    """Fine-tuning steps of 2 slices instead of 4: these tests check the section's flow
+    (save, select, go back, cancel), not the training, and a full-size APFormer step of 4
+    slices was the suite's memory peak (about 1.7 GB above the viewer)."""
+    from functools import partial
+
+    from napari_apformer.train import finetune
+
+    monkeypatch.setattr(
+        finetune, "FinetuneOptions", partial(finetune.FinetuneOptions, batch_size=2)
+    )
+
+
 @pytest.fixture
 def mine(tmp_path, monkeypatch) -> Path:
     """The user weights folder, in the test's own folder (not created yet)."""
