@@ -151,12 +151,17 @@ def test_folded_factors_keep_the_search_models_output_without_removing_anything(
 
 
 def test_budget_one_and_no_factors_return_the_original_bit_for_bit():
-    model = tiny(3)
+    check_budget_one_is_bit_for_bit(tiny(3), ALL)
+
+
+def check_budget_one_is_bit_for_bit(model: SegmentationModel, dimensions) -> None:
+    """Budget 1 returns the original tensors and sizes exactly, with no dimension searched
+    and with factors at their initial 1 on `dimensions` (shared by every family's tests)."""
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     # No dimension searched (every lambda 0): nothing to rank, everything kept.
     slim = extract(model, select(model, {}, Budget(default_keep=1.0)))
     # Factors at their initial 1 and budget 1: folding multiplies by exactly 1.
-    model.add_search_factors(ALL)
+    model.add_search_factors(dimensions)
     slim_ones = extract(model, select(model, model.search_factors(), Budget(default_keep=1.0)))
     for candidate in (slim, slim_ones):
         state = candidate.state_dict()

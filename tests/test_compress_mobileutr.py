@@ -19,6 +19,7 @@ from napari_apformer.model.base import SegmentationModel, build_model
 from napari_apformer.model.card import ModelCard
 from napari_apformer.model.checkpoint import load_model, save_weights
 from test_compress import (  # noqa: F401 (one_thread: an autouse fixture)
+    check_budget_one_is_bit_for_bit,
     logits,
     one_thread,
     randomise,
@@ -113,16 +114,7 @@ def test_folded_factors_keep_the_search_models_output_without_removing_anything(
 
 @pytest.mark.slow
 def test_budget_one_and_no_factors_return_the_original_bit_for_bit():
-    model = tiny(4)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    slim = extract(model, select(model, {}, Budget(default_keep=1.0)))
-    model.add_search_factors(ALL)
-    slim_ones = extract(model, select(model, model.search_factors(), Budget(default_keep=1.0)))
-    for candidate in (slim, slim_ones):
-        state = candidate.state_dict()
-        assert state.keys() == reference.keys()
-        assert all(torch.equal(state[k], reference[k]) for k in reference)
-        assert candidate.sizes() == model.sizes()
+    check_budget_one_is_bit_for_bit(tiny(4), ALL)
 
 
 @pytest.mark.slow
