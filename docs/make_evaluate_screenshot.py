@@ -18,7 +18,6 @@ from pathlib import Path
 
 os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "napari.yaml"))
 os.environ.setdefault("APFORMER_USER_WEIGHTS", tempfile.mkdtemp(prefix="my-weights-"))
-os.environ.setdefault("APFORMER_CONFIG_DIR", tempfile.mkdtemp(prefix="apformer-config-"))
 
 import napari
 from qtpy.QtWidgets import QApplication

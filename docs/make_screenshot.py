@@ -25,7 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "napari.yaml"))
 # The widget's defaults, not the choices this machine's user made last (settings_store).
-os.environ.setdefault("APFORMER_CONFIG_DIR", tempfile.mkdtemp())
 
 import napari
 import nibabel as nib

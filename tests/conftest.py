@@ -47,14 +47,20 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 @pytest.fixture(autouse=True)
-def isolated_user_folders(monkeypatch, tmp_path_factory) -> None:
-    """No test reads or writes the real user folders: the user weights folder (fine-tuned
-    weights, `weights.USER_WEIGHTS_ENV`) and the remembered widget settings
-    (`APFORMER_CONFIG_DIR`, plugin.settings_store) point to this test's own empty temporary
-    folders, which do not exist until something writes there."""
+def isolated_user_folders(monkeypatch, tmp_path_factory):
+    """No test reads or writes the user's own files: the user weights folder (fine-tuned
+    weights, `weights.USER_WEIGHTS_ENV`) points to this test's own empty temporary folder,
+    which does not exist until something writes there; napari's settings, the widget's
+    remembered choices among them (plugin.settings_store), sit in a temporary folder
+    (`NAPARI_CONFIG` above) and go back to their defaults after each test, because napari
+    keeps one plugin settings object per process."""
     folder = tmp_path_factory.mktemp("user")
     monkeypatch.setenv(USER_WEIGHTS_ENV, str(folder / "weights"))
-    monkeypatch.setenv("APFORMER_CONFIG_DIR", str(folder / "config"))
+    yield
+    if "napari.settings" in sys.modules:
+        from napari.settings import get_plugin_settings
+
+        get_plugin_settings("napari-apformer").widget.reset()
 
 
 @pytest.fixture(scope="session")

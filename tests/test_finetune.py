@@ -4,6 +4,7 @@ with nothing written, cancel and interruption (not for quality)."""
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -355,4 +356,5 @@ def test_each_test_has_its_own_empty_user_folders(tmp_path_factory):
 
     temporary = tmp_path_factory.getbasetemp()
     assert user_weights_dir().is_relative_to(temporary) and user_weights() == {}
-    assert Path(os.environ["APFORMER_CONFIG_DIR"]).is_relative_to(temporary)
+    napari_settings = Path(os.environ["NAPARI_CONFIG"]).parent
+    assert napari_settings.is_relative_to(tempfile.gettempdir())

@@ -5,6 +5,7 @@ unpruned pass, and the choices remembered from one session to the next."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -175,20 +176,51 @@ def test_a_family_without_pruning_settings_has_no_unpruned_pass():
     assert unpruned_values(apformer) == {"token_threshold": 1.0, "gate": [1.0, -1.0]}
 
 
-def test_remembered_settings_file_round_trip_and_bad_files(tmp_path, monkeypatch):
-    monkeypatch.setenv(settings_store.CONFIG_ENV, str(tmp_path / "config"))
-    assert settings_store.load() == settings_store.Remembered()
-    kept = settings_store.Remembered("w", None, "cpu", {"gate": [1.0, 2.0]}, {"gate": True})
-    settings_store.save(kept)
-    assert settings_store.settings_file() == tmp_path / "config" / settings_store.FILE_NAME
-    assert settings_store.load() == kept
-    for bad in ("{not json", "[1, 2]", '{"version": 99, "weights": "w"}'):
-        settings_store.settings_file().write_text(bad)
-        assert settings_store.load() == settings_store.Remembered()
-    settings_store.settings_file().write_text(
-        json.dumps({"version": 1, "weights": 3, "device": "cpu", "settings": [], "per_layer": 1})
+def napari_plugin_settings_file() -> Path:
+    """Where napari keeps our plugin settings: beside its own file (NAPARI_CONFIG, conftest)."""
+    return Path(os.environ["NAPARI_CONFIG"]).parent / f"{settings_store.PLUGIN}.yaml"
+
+
+def reread_from_disk() -> settings_store.Remembered:
+    """The choices as a new napari session reads them: napari's settings model built anew
+    from the file, not the object this process holds."""
+    from napari.settings import get_plugin_settings
+
+    model = type(get_plugin_settings(settings_store.PLUGIN))
+    section = model(config_path=napari_plugin_settings_file()).widget
+    return settings_store.Remembered(
+        section.weights or None,
+        section.weights_file or None,
+        section.device or None,
+        settings_store._parse_run_settings(section.run_settings),
     )
-    assert settings_store.load() == settings_store.Remembered(device="cpu")
+
+
+def test_remembered_choices_round_trip_through_napari_settings_and_bad_text():
+    assert settings_store.load() == settings_store.Remembered()
+    kept = settings_store.Remembered(
+        "other file...",
+        "/data/w.safetensors",
+        "cpu",
+        {
+            "/data/w.safetensors": settings_store.WeightsSettings(
+                {"gate": [1.0, 2.0]}, {"gate": True}
+            ),
+            "mni152-tissue": settings_store.WeightsSettings({"token_threshold": 0.5}, {}),
+        },
+    )
+    settings_store.save(kept)
+    assert settings_store.load() == kept
+    assert reread_from_disk() == kept  # napari wrote its file
+    from napari.settings import get_plugin_settings
+
+    section = get_plugin_settings(settings_store.PLUGIN).widget
+    for bad in ("{not json", "[1, 2]", '{"w": 3}'):
+        section.run_settings = bad
+        assert settings_store.load().by_weights == {}
+    section.run_settings = json.dumps({"w": {"settings": [], "per_layer": {"gate": 1, "x": True}}})
+    expected = {"w": settings_store.WeightsSettings({}, {"x": True})}
+    assert settings_store.load().by_weights == expected
 
 
 # ----------------------------------------------------------------------------- in napari
@@ -282,10 +314,22 @@ def test_settings_come_back_in_a_new_session(
     gate.per_layer.value = True
     gate.layer_sliders[2].value = 1.5
     wait_idle(qtbot, widget)
+    # Other weights have their own settings; going back brings these back.
+    widget.weights_choice.value = DEFAULT_WEIGHTS
+    wait_idle(qtbot, widget)
+    assert widget.setting_controls["token_threshold"].slider.value != pytest.approx(0.55)
+    widget.setting_controls["token_threshold"].slider.value = 0.8
+    wait_idle(qtbot, widget)
+    widget.weights_choice.value = widget_module.OTHER_WEIGHTS
+    wait_idle(qtbot, widget)
+    assert widget.setting_controls["token_threshold"].slider.value == pytest.approx(0.55)
     viewer.close()  # writes what is not written yet
-    saved = json.loads(settings_store.settings_file().read_text())
-    assert saved["weights_file"] == str(small_apformer_weights)
-    assert saved["settings"]["token_threshold"] == pytest.approx(0.55)
+    saved = reread_from_disk()
+    assert saved.weights_file == str(small_apformer_weights)
+    mine = saved.by_weights[str(small_apformer_weights)]
+    assert mine.settings["token_threshold"] == pytest.approx(0.55)
+    assert mine.per_layer["gate"] and mine.settings["gate"][2] == pytest.approx(1.5)
+    assert saved.by_weights[DEFAULT_WEIGHTS].settings["token_threshold"] == pytest.approx(0.8)
 
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "mni152_slice")
@@ -312,7 +356,11 @@ def test_stale_remembered_values_fall_back_to_defaults_silently(
             weights=widget_module.OTHER_WEIGHTS,
             weights_file=str(tmp_path / "deleted.safetensors"),
             device="cuda:7",
-            settings={"token_threshold": 0.4},
+            by_weights={
+                str(tmp_path / "deleted.safetensors"): settings_store.WeightsSettings(
+                    {"token_threshold": 0.4}
+                )
+            },
         )
     )
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "APFormer")

@@ -189,8 +189,9 @@ class APFormerWidget(Container):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._start_live)
-        # Choices of the last session: weights and device now, the settings once their
-        # controls exist (_restore_settings); saved a moment after each change.
+        # Choices of the last session: weights and device now, the settings of each
+        # weights once their controls exist (_restore_settings); saved a moment after each
+        # change, in napari's plugin settings.
         self._remembered = settings_store.load()
         self._restoring = self._restore_choices(self._remembered)
         self._to_save: settings_store.Remembered | None = None
@@ -633,10 +634,9 @@ class APFormerWidget(Container):
             return
         self._model_info = info
         self._build_setting_controls(info)
-        if self._restoring:
-            self._restore_settings(info)
-        else:
-            self._remember()  # the controls of these weights, maybe with their defaults
+        self._restore_settings(info)  # what these weights had last time, if anything
+        if not self._restoring:
+            self._remember()
         self._set_text(self.legend, legend_html(info.card.class_table()))
         self._set_text(self.weights_about, card_about(info.card))
         self.weights_about.tooltip = card_details(info.card)
@@ -713,12 +713,20 @@ class APFormerWidget(Container):
             return False
         if remembered.device in self.device_choice.choices:
             self.device_choice.value = remembered.device
-        return bool(remembered.settings or remembered.per_layer)
+        return True
+
+    def _weights_key(self) -> str:
+        weights = str(self.weights_choice.value)
+        file = self.weights_file.value if weights == OTHER_WEIGHTS else None
+        return settings_store.weights_key(weights, str(file) if file else None)
 
     def _restore_settings(self, info: ModelInfo) -> None:
-        """The remembered values on the new controls; a value the weights' model does not
-        take (unknown, out of range, wrong number of layers) keeps its default."""
-        remembered = self._remembered
+        """The values last used with these weights on their new controls; a value the
+        weights' model does not take (unknown, out of range, wrong number of layers) keeps
+        its default."""
+        remembered = self._remembered.by_weights.get(self._weights_key())
+        if remembered is None:
+            return
         for setting in info.settings:
             controls = self.setting_controls[setting.name]
             if controls.per_layer is not None:
@@ -739,20 +747,21 @@ class APFormerWidget(Container):
             return
         weights = str(self.weights_choice.value)
         file = self.weights_file.value
-        remembered = settings_store.Remembered(
-            weights=weights,
-            weights_file=str(file) if weights == OTHER_WEIGHTS and file else None,
-            device=str(self.device_choice.value),
-        )
+        remembered = self._remembered
+        remembered.weights = weights
+        remembered.weights_file = str(file) if weights == OTHER_WEIGHTS and file else None
+        remembered.device = str(self.device_choice.value)
         try:
             ready = self._controls_ready(self.weights_path())
         except InputError:
             ready = False
         if ready:  # else the controls are still those of the weights before
+            entry = settings_store.WeightsSettings()
             for name, controls in self.setting_controls.items():
-                remembered.settings[name] = controls.value()
+                entry.settings[name] = controls.value()
                 if controls.per_layer is not None:
-                    remembered.per_layer[name] = bool(controls.per_layer.value)
+                    entry.per_layer[name] = bool(controls.per_layer.value)
+            remembered.by_weights[self._weights_key()] = entry
         self._to_save = remembered
         self._save_timer.start()
 
