@@ -42,6 +42,8 @@ def test_manifest_is_valid_and_found():
         "Evaluate against a reference",
     }
     assert len(contributions.sample_data) == 3 and len(contributions.writers) == 9
+    widget_settings = contributions.configurations["widget"].properties  # settings_store
+    assert set(widget_settings) == {"weights", "weights_file", "device", "run_settings"}
     map_writers = [w for w in contributions.writers if w.layer_types == ["image"]]
     assert sorted(e for w in map_writers for e in w.filename_extensions) == [
         ".mha",
