@@ -590,3 +590,36 @@ def test_a_sweep_of_a_family_without_settings_gives_one_row(tmp_path, capsys):
     assert len(rows) == 2 and rows[0].startswith("dice_background,")  # no setting columns
     table = capsys.readouterr().out
     assert table.count("\n|") == 2  # the separator and one row
+
+
+def test_train_compress_and_finetune_check_shared_numbers_in_the_same_words(tmp_path):
+    """--batch-size, --ssa-every, --ema and --seed are checked by one helper each
+    (train.command), so the three commands refuse them in the same words."""
+    from napari_apformer.cli import build_parser
+    from napari_apformer.errors import InputError
+
+    parser = build_parser()
+    common = {
+        "train": ["train", "--images", str(tmp_path), "-o", str(tmp_path / "w")],
+        "compress": ["compress", "--images", str(tmp_path), "-o", str(tmp_path / "w")],
+        "finetune": [
+            "finetune", "--weights", "w", "--image", "i.nii.gz", "--labels", "l.nii.gz",
+            "--slices", "2:1", "-o", str(tmp_path / "w"),
+        ],
+    }
+    cases = [
+        (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+        (["--ssa-every", "-2"], "--ssa-every must be at least 1, not -2"),
+        (["--ema", "1"], "--ema takes a decay from 0 (off) up to, not including, 1, not 1.0"),
+        (["--seed", "-1"], "--seed takes 0 or more, not -1"),
+    ]
+    for command, head in common.items():
+        for bad, message in cases:
+            try:
+                args = parser.parse_args([*head, *bad])
+            except SystemExit:  # an option this command does not have (finetune: --ema)
+                assert command == "finetune" and bad[0] == "--ema"
+                continue
+            with pytest.raises(InputError) as refused:
+                args.run(args)
+            assert str(refused.value) == message, (command, bad)

@@ -162,18 +162,20 @@ def _compress(args: argparse.Namespace) -> int:
     from napari_apformer.compress.pipeline import CompressConfig, FinetuneConfig, compress
     from napari_apformer.compress.search import SearchConfig, searched_dimensions
     from napari_apformer.model.checkpoint import load_model, sha256_of
-    from napari_apformer.train.command import check_data_arguments, load_data
+    from napari_apformer.train.command import (
+        check_at_least,
+        check_data_arguments,
+        check_ema,
+        load_data,
+    )
     from napari_apformer.weights import resolve_weights
 
     check_data_arguments(args)
     check_device(args.device)
     apply_threads(args.threads)
-    if args.search_steps < 0 or args.finetune_steps < 0:
-        raise InputError("--search-steps and --finetune-steps must be 0 or more")
-    if args.batch_size < 1 or args.ssa_every < 1 or args.finetune_steps_per_epoch < 1:
-        raise InputError("--batch-size, --ssa-every and --finetune-steps-per-epoch must be >= 1")
-    if not 0 <= args.ema < 1:
-        raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
+    check_at_least(args, 0, "--search-steps", "--finetune-steps")
+    check_at_least(args, 1, "--batch-size", "--ssa-every", "--finetune-steps-per-epoch")
+    check_ema(args.ema)
     path = resolve_weights(args.weights)
     model = load_model(path)
     searchable = joint_search(model, path)

@@ -163,8 +163,7 @@ def check_data_arguments(args: argparse.Namespace) -> None:
             f"--val-fraction takes a fraction between 0 and 1 (e.g. 0.2), not {args.val_fraction}"
         )
     data_axes(args.axes)
-    if args.seed < 0:
-        raise InputError(f"--seed takes 0 or more, not {args.seed}")
+    check_seed(args.seed)
 
 
 def data_axes(text: str) -> list[int]:
@@ -399,16 +398,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_at_least(args: argparse.Namespace, minimum: int, *options: str) -> None:
+    """One line for the first of `options` (as typed: "--batch-size") below `minimum`;
+    an option left unset (None) passes. The one check train, compress and finetune share."""
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None and value < minimum:
+            raise InputError(f"{option} must be at least {minimum}, not {value}")
+
+
+def check_ema(ema: float) -> None:
+    if not 0 <= ema < 1:  # NaN fails this too
+        raise InputError(f"--ema takes a decay from 0 (off) up to, not including, 1, not {ema}")
+
+
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise InputError(f"--seed takes 0 or more, not {seed}")
+
+
 def check_train_arguments(args: argparse.Namespace) -> None:
     """One line for each number that training cannot use, before anything is read."""
-    if args.epochs < 1 or args.batch_size < 1 or args.ssa_every < 1:
-        raise InputError("--epochs, --batch-size and --ssa-every must be at least 1")
-    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
-        raise InputError(f"--steps-per-epoch must be at least 1, not {args.steps_per_epoch}")
+    check_at_least(args, 1, "--epochs", "--batch-size", "--ssa-every", "--steps-per-epoch")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr takes a learning rate above 0, such as 1e-3, not {args.lr}")
-    if not 0 <= args.ema < 1:  # NaN fails this too
-        raise InputError("--ema takes a decay from 0 (off) up to, not including, 1")
+    check_ema(args.ema)
     if not (math.isfinite(args.gate_sparsity) and args.gate_sparsity >= 0):
         raise InputError(f"--gate-sparsity takes a weight of 0 or more, not {args.gate_sparsity}")
     if args.max_minutes is not None and not (

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from napari_apformer.errors import InputError
+from napari_apformer.train.command import check_at_least, check_seed
 
 OUTPUT_SUFFIXES = (".safetensors", ".json")
 MAX_SLICES = 100_000  # a range longer than this is a typing error
@@ -117,8 +118,8 @@ def parse_slices(text: str) -> tuple[str | None, list[int]]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """One line for each number fine-tuning cannot use, before anything is read."""
-    if args.steps < 1 or args.batch_size < 1 or args.ssa_every < 1:
-        raise InputError("--steps, --batch-size and --ssa-every must be at least 1")
+    check_at_least(args, 1, "--steps", "--batch-size", "--ssa-every")
+    check_seed(args.seed)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr takes a learning rate above 0, such as 5e-5, not {args.lr}")
     if args.max_minutes is not None and not (
