@@ -6,7 +6,8 @@ Opens the 2 mm MNI152 sample volume, segments axial slice 40 with the shipped we
 "corrects" axial slices 30, 40 and 50 by writing the sample's reference tissue labels into the
 segmentation through napari's own label editing (`Labels.data_setitem`, which records an edit
 as the brush does), fine-tunes for a few steps (slice 40 held out), and saves the window. The
-new weights go to a temporary user weights folder (APFORMER_USER_WEIGHTS), not the user's own.
+new weights go to the platform's user weights folder under a temporary home folder (the
+widget shows it as ~/...), not the user's own.
 --panel also saves the dock widget alone.
 """
 
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "napari.yaml"))
-os.environ.setdefault("APFORMER_USER_WEIGHTS", tempfile.mkdtemp(prefix="my-weights-"))
+os.environ["HOME"] = tempfile.mkdtemp(prefix="home-")
+os.environ.pop("APFORMER_USER_WEIGHTS", None)
+os.environ.pop("XDG_DATA_HOME", None)
 
 import napari
 import numpy as np

@@ -22,6 +22,7 @@ from napari_apformer.weights import (  # noqa: E402
     available_weights,
     resolve_weights,
     shipped_weights,
+    shown_path,
 )
 from widget_helpers import PLUGIN, TIMEOUT_MS, open_widget, output, wait_idle  # noqa: E402
 
@@ -147,6 +148,7 @@ def test_finetune_on_corrected_slices_saves_selects_and_goes_back(
     status = panel.status.value
     assert "Held-out slice 3: mean Dice" in status and "&rarr;" in status
     assert "trained on slices 1, 5" in status and weights.stem in status
+    assert f"in {shown_path(mine)} and selected" in status
     card = json.loads(weights.with_suffix(".json").read_text())
     record = card["training"]["finetune"]
     assert record["slices"] == [1, 5] and record["held_out_slice"] == 3
@@ -231,3 +233,9 @@ def test_closing_the_viewer_while_fine_tuning(
     qtbot.waitUntil(lambda: panel._worker is None, timeout=TIMEOUT_MS)
     assert widget._closed and panel._stop.is_set()
     assert files_in(mine) == []
+
+
+def test_paths_under_the_home_folder_are_shown_from_tilde(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert shown_path(tmp_path / "a" / "weights") == str(Path("~/a/weights"))
+    assert shown_path(Path("/elsewhere/weights")) == "/elsewhere/weights"

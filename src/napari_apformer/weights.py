@@ -24,6 +24,15 @@ def shipped_weights() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
 
 
+def shown_path(path: Path) -> str:
+    """A path as the widget shows it: under the home folder as ~/..., so that messages and
+    screenshots do not spell out the user's home."""
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
 def user_weights_dir() -> Path:
     """Where the widget saves fine-tuned weights: $APFORMER_USER_WEIGHTS if set, else
     `weights` in the platform's user data folder (platformdirs, which napari depends on;

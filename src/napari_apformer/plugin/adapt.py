@@ -50,7 +50,12 @@ from qtpy.QtWidgets import QSizePolicy
 from napari_apformer.errors import InputError
 from napari_apformer.plugin.image_source import ImageSource
 from napari_apformer.plugin.layers import OUTPUT_KEY, SEGMENTATION
-from napari_apformer.weights import available_weights, user_weights, user_weights_dir
+from napari_apformer.weights import (
+    available_weights,
+    shown_path,
+    user_weights,
+    user_weights_dir,
+)
 
 if TYPE_CHECKING:
     from napari_apformer.plugin.widget import APFormerWidget
@@ -635,7 +640,7 @@ class AdaptPanel:
         host._request_live(force=True)
         self._set_status(
             f"{dice_text(outcome.report)}<br>Saved as <b>{self._adapted}</b> in "
-            f"{outcome.path.parent} and selected."
+            f"{shown_path(outcome.path.parent)} and selected."
         )
         show_info(f"APFormer: fine-tuned weights '{self._adapted}' saved and selected")
         self._show_buttons()
