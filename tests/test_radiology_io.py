@@ -362,6 +362,7 @@ def make_series(
     seed: int = 0,
     study: str | None = None,
     decimals: int = 6,
+    scanning_sequence: str | None = None,
 ) -> dict:
     """A DICOM series written by pydicom, files and InstanceNumbers shuffled; returns the
     stored pixels per slice in position order with the geometry used."""
@@ -393,6 +394,8 @@ def make_series(
         ds.Modality, ds.SeriesNumber, ds.SeriesDescription = modality, number, description
         ds.InstanceNumber = shuffled[k] + 1
         ds.ImageType = list(image_type)
+        if scanning_sequence is not None:
+            ds.ScanningSequence = scanning_sequence
         position = np.asarray(origin) + offsets[k] * normal
         ds.ImagePositionPatient = [round(float(v), decimals) for v in position]
         ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_dir, *col_dir)]

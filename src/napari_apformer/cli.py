@@ -24,6 +24,7 @@ from napari_apformer.compress.command import add_parser as add_compress_parser
 from napari_apformer.engine.precision import PRECISIONS
 from napari_apformer.errors import InputError
 from napari_apformer.evaluate_command import add_evaluate_parser
+from napari_apformer.io import acquisition
 from napari_apformer.io.files import (
     Interrupted,
     compound_suffix,
@@ -602,7 +603,8 @@ def predict_file(segmenter, source: Source | Path, target: Path, args: argparse.
     if blocker:
         raise InputError(blocker)
     image_file = source.read()
-    for note in image_file.notes:
+    other_kind = acquisition.mismatch(acquisition.of_image(image_file), segmenter.card.made_for)
+    for note in (*image_file.notes, *([other_kind] if other_kind else [])):
         print(f"apformer: warning: {source}: {note}", file=sys.stderr)
     axis = slice_axis(args.axis, is_nifti=image_file.nifti is not None, source=source)
     image = segmenter.prepare(
@@ -847,6 +849,9 @@ def describe_model(model, card) -> list[str]:
             lines += textwrap.wrap(
                 f"{label}: {text}", 88, subsequent_indent="    ", break_on_hyphens=False
             )
+    if card.made_for:
+        wanted = acquisition.made_for_text(card.made_for)
+        lines.append(f"made for: {wanted} scans (others get a warning)")
     if card.limits:
         lines.append("limits:")
         for limit in card.limits:

@@ -214,6 +214,7 @@ def compress(
         normalisation=base_card.normalisation,
         settings=dict(base_card.settings),
         placeholder=base_card.placeholder,
+        made_for=dict(base_card.made_for),
         description=(
             f"{base_card.description} Compressed from {compression['base_weights']} with "
             f"`apformer compress` to {100 * selection.params_fraction:.1f} % of its parameters "

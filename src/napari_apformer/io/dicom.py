@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_apformer.errors import InputError, first_line
+from napari_apformer.io.acquisition import from_dicom
 from napari_apformer.io.files import stem_of
 from napari_apformer.io.image_file import ImageFile
 from napari_apformer.io.itk_image import (
@@ -52,6 +53,7 @@ HEADER_TAGS = [
     "SeriesNumber",
     "SeriesDescription",
     "Modality",
+    "ScanningSequence",
     "ImageType",
     "Rows",
     "Columns",
@@ -84,6 +86,7 @@ class DicomSeries:
     rescaled: bool = False  # slopes/intercepts that are not one integer pair: read as float32
     study_uid: str = ""
     images: bool = True  # False for objects without pixels (reports, plans): counted as files
+    scanning_sequence: str = ""  # MR: e.g. "GR\\IR"; "EP" marks an echo-planar series
 
     @property
     def slices(self) -> int:
@@ -277,7 +280,9 @@ def read_dicom_series(series: DicomSeries) -> ImageFile:
             "of several acquisitions in one series); not read",
             where,
         )
-    return image_file_from_sitk(image, series.root, "dicom", dicom=series)
+    image_file = image_file_from_sitk(image, series.root, "dicom", dicom=series)
+    image_file.acquisition = from_dicom(series.modality, series.scanning_sequence)
+    return image_file
 
 
 def read_dicom(path: Path, series_uid: str | None = None) -> ImageFile:
@@ -371,6 +376,7 @@ def _describe(
         problem=problem,
         rescaled=rescaled,
         study_uid=str(first.get("StudyInstanceUID", "") or ""),
+        scanning_sequence="\\".join(str(v) for v in _values(first.get("ScanningSequence"))),
     )
 
 

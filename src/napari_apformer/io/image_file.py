@@ -12,6 +12,7 @@ from napari_apformer.errors import InputError
 from napari_apformer.io.geometry import Reorientation
 
 if TYPE_CHECKING:
+    from napari_apformer.io.acquisition import Acquisition
     from napari_apformer.io.dicom import DicomSeries
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -105,3 +106,6 @@ class ImageFile:
     nifti: NiftiGeometry | None = None
     series: bool = False  # NIfTI only: a 4th axis of volumes (time) after the spatial ones
     notes: tuple[str, ...] = ()  # warnings for the user (a broken transform replaced, ...)
+    # what kind of scan the source states it is (io.acquisition): DICOM series set it when
+    # read; for files, io.acquisition.of_image reads the BIDS name, sidecar and header
+    acquisition: Acquisition | None = None

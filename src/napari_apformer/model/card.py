@@ -73,6 +73,9 @@ class ModelCard:
     licence: str = ""
     # What the weights were not made for, one short line each; front ends show them
     limits: list[str] = field(default_factory=list)
+    # The scans the weights were made for, as files state them (io.acquisition):
+    # {"modality": "MR", "contrasts": ["T1w"]}; front ends warn on another kind. Empty: unknown.
+    made_for: dict[str, Any] = field(default_factory=dict)
     card_version: int = CARD_VERSION
 
     @property
@@ -126,6 +129,7 @@ class ModelCard:
                 isinstance(line, str) for line in raw.get("limits", [])
             ):
                 raise ValueError("limits must be a list of strings")
+            _check_made_for(raw.get("made_for", {}))
             raw["classes"] = [ClassInfo(**c) for c in raw["classes"]]
             raw["normalisation"] = Normalisation(**raw["normalisation"])
             card = ModelCard(**raw)
@@ -143,6 +147,16 @@ class ModelCard:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read the model card ({error})", path) from None
         return ModelCard.from_json(text, path)
+
+
+def _check_made_for(made_for: object) -> None:
+    if not isinstance(made_for, dict) or set(made_for) - {"modality", "contrasts"}:
+        raise ValueError('made_for must be an object with "modality" and "contrasts"')
+    contrasts = made_for.get("contrasts", [])
+    if not isinstance(made_for.get("modality", ""), str) or not (
+        isinstance(contrasts, list) and all(isinstance(c, str) for c in contrasts)
+    ):
+        raise ValueError("made_for: modality is a string, contrasts a list of strings")
 
 
 def _from_version_1(raw: dict) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_apformer.errors import InputError
+from napari_apformer.io.acquisition import of_image
 from napari_apformer.io.display import display_array, placement
 from napari_apformer.io.files import stem_of
 from napari_apformer.io.formats import (
@@ -96,7 +97,7 @@ def layer_data(image: ImageFile) -> LayerData:
         "axis_labels": where.axis_labels,
         "units": where.units,
         "metadata": SourceInfo(
-            image.source, image.nifti, image.series, image.spacing
+            image.source, image.nifti, image.series, image.spacing, of_image(image)
         ).to_metadata(),
     }
     if not image.rgb and is_label_image(image.source, data):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_apformer.io.acquisition import Acquisition
 from napari_apformer.io.image_file import NiftiGeometry
 
 METADATA_KEY = "napari_apformer"
@@ -26,6 +27,7 @@ class SourceInfo:
     nifti: NiftiGeometry | None = None
     series: bool = False
     spacing: tuple[float, ...] | None = None
+    acquisition: Acquisition | None = None  # what kind of scan the file says it is
 
     def to_metadata(self) -> dict:
         return {METADATA_KEY: self}

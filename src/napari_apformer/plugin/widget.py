@@ -47,6 +47,7 @@ from qtpy.QtWidgets import QSizePolicy
 from napari_apformer.engine.device import available_devices
 from napari_apformer.engine.stats import NOT_COUNTED, RunStats
 from napari_apformer.errors import InputError
+from napari_apformer.io.acquisition import mismatch
 from napari_apformer.model.base import MapSpec, Setting, SettingValue
 from napari_apformer.model.card import ModelCard
 from napari_apformer.plugin import settings_store
@@ -163,6 +164,7 @@ class APFormerWidget(Container):
         self.session = Session()
         self._closed = False
         self._generation = 0
+        self._warned_kind: set[tuple[str, Path]] = set()  # _warn_other_kind, once each
         self._live_worker = None
         self._live_pending = False
         self._model_worker = None  # loads the weights and reads their declarations
@@ -829,6 +831,7 @@ class APFormerWidget(Container):
         for notice in outcome.notices:
             show_warning(f"APFormer: {notice}")
         card = outcome.card
+        self._warn_other_kind(image, outcome.request.settings.weights, card)
         table = card.class_table()
         outputs = self._outputs_for(layer, image)
         had_layers = outputs.get("segmentation") is not None
@@ -847,6 +850,16 @@ class APFormerWidget(Container):
                 self._request_attention()  # a click during the run
         if not had_layers:
             self.viewer.layers.selection.active = layer  # keep the image selected
+
+    def _warn_other_kind(self, image: ImageSource, weights: Path, card: ModelCard) -> None:
+        """Once per image and weights: the file says it is a kind of scan (an EPI, a CT)
+        the weights were not made for."""
+        info = image.source
+        other = mismatch(info.acquisition, card.made_for) if info is not None else None
+        key = (image.name, weights)
+        if other is not None and key not in self._warned_kind:
+            self._warned_kind.add(key)
+            show_warning(f"APFormer: {other} ({info.path.name if info.path else image.name})")
 
     def _note_live_plane(self, outputs: OutputLayers, outcome: LiveOutcome) -> None:
         """Record the slice a live run wrote into the segmentation volume; warn once when

@@ -361,6 +361,8 @@ def _train(args: argparse.Namespace) -> int:
             "torch": torch.__version__,
         },
         licence=licence,
+        # the MNI152 template is a T1-weighted MR image; other data states nothing here
+        made_for={"modality": "MR", "contrasts": ["T1w"]} if args.mni152 is not None else {},
     )
     print(f"training on {len(train_set)} slices, validating on {len(val_set)}", flush=True)
     config = TrainConfig(

@@ -385,6 +385,7 @@ def finetuned_card(
         training=training,
         metrics=metrics,
         licence=base.licence,
+        made_for=copy.deepcopy(base.made_for),
     )
 
 
