@@ -27,6 +27,7 @@ from napari_apformer.plugin.layers import (  # noqa: E402
     image_cells,
     mask_colour,
     mask_table,
+    update_in_place,
 )
 
 SAMPLES = Path(widget_module.__file__).parents[1] / "samples"
@@ -294,3 +295,26 @@ def test_messages_put_the_problem_first_and_the_card_says_what_the_weights_are_f
         not n.removeprefix("APFormer: ").startswith(str(tmp_path)) for n in errors
     )
     assert all(n.endswith(")") for n in errors)
+
+
+def test_an_update_that_changes_nothing_redraws_nothing(monkeypatch):
+    """The attention of the first layer does not move with the token threshold: writing the
+    same values, place and contrast again must not refresh the layer (nor its colour bar)."""
+    from napari.layers import Image
+
+    values = np.random.default_rng(0).random((8, 6)).astype(np.float32)
+    layer = Image(values.copy(), translate=(2.0, 3.0), contrast_limits=(1.0, 5.0))
+    refreshed = []
+    monkeypatch.setattr(layer, "refresh", lambda **kw: refreshed.append(kw))
+    update_in_place(layer, values, (2.0, 3.0), (1.0, 5.0))
+    assert refreshed == []
+    for change in (
+        (values, (2.0, 3.0), (1.0, 6.0)),  # new contrast
+        (values + 1, (2.0, 3.0), (1.0, 6.0)),  # new values
+        (values + 1, (4.0, 3.0), (1.0, 6.0)),  # moved
+    ):
+        before = len(refreshed)
+        update_in_place(layer, *change)
+        assert len(refreshed) > before, change
+    assert refreshed[-1]["extent"]
+    assert np.array_equal(layer.data, values + 1) and list(layer.contrast_limits) == [1.0, 6.0]

@@ -213,7 +213,7 @@ class OutputLayers:
         if layer is not None and layer.data.shape == data.shape:
             if layer.metadata.get(CLASSES_KEY) != table:
                 _set_classes(layer, table)
-            _update_in_place(layer, data, translate)
+            update_in_place(layer, data, translate)
             return
         if layer is not None:
             self.viewer.layers.remove(layer)
@@ -254,7 +254,7 @@ class OutputLayers:
         limits = (UNIFORM, top) if top > UNIFORM else (0.0, max(top, UNIFORM))
         layer = self.get(ATTENTION)
         if layer is not None and layer.data.shape == data.shape:
-            _update_in_place(layer, data, translate, limits)
+            update_in_place(layer, data, translate, limits)
             self._attention_visibility()
             return top
         if layer is not None:
@@ -335,7 +335,7 @@ class OutputLayers:
         if layer is not None and layer.data.shape == data.shape:
             if spec.kind == "mask" and layer.metadata.get(CLASSES_KEY) != mask_table(spec, classes):
                 _set_classes(layer, mask_table(spec, classes))
-            _update_in_place(layer, data, translate)
+            update_in_place(layer, data, translate)
             return
         if layer is not None:
             self.viewer.layers.remove(layer)
@@ -375,7 +375,7 @@ def _rgb255(colour: str) -> np.ndarray:
     return rgba(colour)[:3].astype(float) * 255
 
 
-def _update_in_place(
+def update_in_place(
     layer, data: np.ndarray, translate: tuple, limits: tuple[float, float] | None = None
 ) -> None:
     """New values for a layer of the same shape. Writing into the array and refreshing is
