@@ -371,7 +371,10 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     from napari_apformer.compress import command
 
     base = tiny(10)
-    save_weights(base, ModelCard.generic("base", 1, 3), tmp_path / "base")
+    base_card = ModelCard.generic("base", 1, 3)
+    base_card.limits = ["test scans only"]
+    base_card.made_for = {"modality": "MR", "contrasts": ["T1w"]}
+    save_weights(base, base_card, tmp_path / "base")
     write_pngs(tmp_path / "data")
     parser = argparse.ArgumentParser(prog="apformer")
     command.add_parser(parser.add_subparsers())
@@ -416,6 +419,8 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     assert out.with_suffix(".search-log.csv").is_file()
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["training"]["command"].startswith("apformer compress --images")
+    # What the base was (not) made for still holds for the slimmer network.
+    assert card["limits"] == ["test scans only"] and card["made_for"] == base_card.made_for
     # The same search, extracted at another budget without searching again.
     again = tmp_path / "out" / "slim-half"
     argv = [a if a != str(out) else str(again) for a in argv]

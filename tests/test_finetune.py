@@ -57,6 +57,8 @@ def tiny_model(family: str):
         1,
         [ClassInfo(k, n, c) for k, (n, c) in enumerate(zip(CLASSES, colours, strict=True))],
         licence="test weights",
+        limits=["test scans only"],
+        made_for={"modality": "MR", "contrasts": ["T1w"]},
     )
     return model
 
@@ -125,6 +127,7 @@ def test_finetune_writes_changed_weights_and_a_card_that_records_the_run(
     for key in ("before", "after"):
         assert 0 <= metrics[f"held_out_mean_foreground_dice_{key}"] <= 1
     assert card["licence"] == "test weights" and card["name"] == "adapted"
+    assert card["limits"] == ["test scans only"] and card["made_for"]["contrasts"] == ["T1w"]
     assert card["architecture"]["family"] == family and not list(tmp_path.glob("out/.*"))
 
     # Never replaced without --overwrite; replaced whole with it

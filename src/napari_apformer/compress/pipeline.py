@@ -215,6 +215,7 @@ def compress(
         settings=dict(base_card.settings),
         placeholder=base_card.placeholder,
         made_for=dict(base_card.made_for),
+        limits=list(base_card.limits),
         description=(
             f"{base_card.description} Compressed from {compression['base_weights']} with "
             f"`apformer compress` to {100 * selection.params_fraction:.1f} % of its parameters "

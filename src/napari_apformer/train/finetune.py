@@ -386,6 +386,7 @@ def finetuned_card(
         metrics=metrics,
         licence=base.licence,
         made_for=copy.deepcopy(base.made_for),
+        limits=list(base.limits),
     )
 
 
