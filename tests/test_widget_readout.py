@@ -192,7 +192,7 @@ def reread_from_disk() -> settings_store.Remembered:
         section.weights or None,
         section.weights_file or None,
         section.device or None,
-        settings_store._parse_run_settings(section.run_settings),
+        settings_store.parse_run_settings(section.run_settings),
     )
 
 

@@ -19,7 +19,13 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from napari_apformer.io.files import compound_suffix, stem_of
+from napari_apformer.io.formats import NIFTI_SUFFIXES
+
+if TYPE_CHECKING:
+    from napari_apformer.io.image_file import ImageFile
 
 # BIDS suffixes (modality, contrast); EPI contrasts share the contrast name "EPI".
 BIDS_SUFFIXES: dict[str, tuple[str, str]] = {
@@ -43,7 +49,6 @@ BIDS_SUFFIXES: dict[str, tuple[str, str]] = {
 }
 NAMES = {"EPI": "an echo-planar EPI scan", "CT": "a CT scan", "PT": "a PET scan"}
 SIDECAR_LIMIT = 1 << 20  # a BIDS sidecar is a few kB; larger JSON is not one
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIME_UNITS = ("sec", "msec", "usec")
 
 
@@ -84,16 +89,8 @@ def of_file(path: Path) -> Acquisition | None:
     return _from_sidecar(path) or _from_bids_name(path) or _from_nifti_header(path)
 
 
-def _strip_suffix(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _from_bids_name(path: Path) -> Acquisition | None:
-    stem = _strip_suffix(path)
+    stem = stem_of(path)
     if "_" not in stem:
         return None  # BIDS names are key-value pairs joined by "_", the suffix last
     suffix = stem.rsplit("_", 1)[1]
@@ -104,7 +101,7 @@ def _from_bids_name(path: Path) -> Acquisition | None:
 
 
 def _from_sidecar(path: Path) -> Acquisition | None:
-    sidecar = path.with_name(_strip_suffix(path) + ".json")
+    sidecar = path.with_name(stem_of(path) + ".json")
     try:
         if sidecar == path or sidecar.stat().st_size > SIDECAR_LIMIT:
             return None
@@ -123,7 +120,7 @@ def _from_sidecar(path: Path) -> Acquisition | None:
 
 
 def _from_nifti_header(path: Path) -> Acquisition | None:
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+    if compound_suffix(path) not in NIFTI_SUFFIXES:
         return None
     try:
         import nibabel as nib
@@ -147,8 +144,8 @@ def made_for_text(made_for: dict) -> str:
     return f"{contrasts} {made_for.get('modality') or ''}".strip()
 
 
-def of_image(image) -> Acquisition | None:
-    """An io.image_file.ImageFile's statement: the DICOM series' own, else its file's."""
+def of_image(image: ImageFile) -> Acquisition | None:
+    """The image's statement: the DICOM series' own, else its file's."""
     if image.acquisition is not None:
         return image.acquisition
     return of_file(image.source) if image.source is not None else None

@@ -64,7 +64,7 @@ def _section() -> Any | None:
         return None
 
 
-def _parse_run_settings(text: str) -> dict[str, WeightsSettings]:
+def parse_run_settings(text: str) -> dict[str, WeightsSettings]:
     try:
         raw = json.loads(text) if text else {}
     except ValueError:
@@ -102,7 +102,7 @@ def load() -> Remembered:
         weights=text("weights"),
         weights_file=text("weights_file"),
         device=text("device"),
-        by_weights=_parse_run_settings(getattr(section, "run_settings", "") or ""),
+        by_weights=parse_run_settings(getattr(section, "run_settings", "") or ""),
     )
 
 
