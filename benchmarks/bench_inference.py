@@ -1,6 +1,7 @@
 """Inference speed and memory of napari-apformer; prints Markdown tables.
 
     python benchmarks/bench_inference.py [--threads 2] [--repeats 7] [--skip-memory]
+        [--devices cpu,cuda]
 
 Weights and image: the conformance vector's state_dict (the authors' format, 9 classes, tuned
 so that about half the tokens of its brain slice are pruned at tau 0.9) and that brain slice,
@@ -167,9 +168,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--devices", default=None, help="default: cpu, and cuda when present")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    names = args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu")
+    devices = [torch.device(name) for name in names.split(",")]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"{describe()}, torch {torch.__version__}, CUDA: {gpu}\n")
     for device in devices:

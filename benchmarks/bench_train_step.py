@@ -23,10 +23,10 @@ from fresh_process import run_worker
 
 def worker(config: dict) -> dict:
     """Time `steps` training steps in this (fresh) process."""
-    if config["keep_freed_memory"]:
-        from napari_apformer.train.allocator import keep_freed_memory
+    if config["keep_freed_memory"]:  # for the rest of this process
+        from napari_apformer.allocator import freed_memory_kept
 
-        keep_freed_memory()
+        freed_memory_kept().__enter__()
     import torch
 
     from napari_apformer.model.apformer import APFormer

@@ -6,7 +6,8 @@ Weights: the shipped default (MNI152 tissue). Volumes: the packaged 2 mm MNI152 
 resampled (nearest) to the size asked for and scaled to int16 as a scanner would store it,
 so pruning sees a real head. Every configuration runs in a fresh process: peak host memory is
 VmHWM minus VmRSS just before the run (model and input already loaded), peak GPU memory is
-torch.cuda.max_memory_allocated. Prints Markdown tables.
+torch.cuda.max_memory_allocated; model GFLOP/s is what the model counts it spent (the count
+tests hold equal to torch's FLOP counter) over the whole run's time. Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def worker(config: dict) -> dict:
         "input_mib": volume.nbytes / 2**20,
         "labels_mib": result.labels.nbytes / 2**20,
         "host_peak_above_mib": rss_mib("VmHWM") - before,
+        "gflops": result.stats.gflops,
         "labels_digest": int(np.bincount(result.labels.ravel(), minlength=4)[1:].sum()),
     }
     if device.type == "cuda":
@@ -112,6 +114,20 @@ def worker(config: dict) -> dict:
         ).labels
         out["changed_fraction"] = float(np.mean(result.labels != expected))
     return out
+
+
+def matmul_rate() -> float:
+    """GFLOP/s of a float32 2048 x 2048 matrix product on the CPU: what the model's largest
+    operations could reach at best on these threads (median of 10)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    times = []
+    for _ in range(12):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / float(np.median(times[2:])) / 1e9
 
 
 def measure(config: dict) -> dict:
@@ -133,7 +149,8 @@ def main() -> None:
     devices = (args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu")).split(",")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     torch.set_num_threads(args.threads)
-    print(f"{describe()}, torch {torch.__version__}, CUDA: {gpu}\n")
+    print(f"{describe()}, torch {torch.__version__}, CUDA: {gpu}")
+    print(f"float32 2048 x 2048 matrix product on the CPU: {matmul_rate():.0f} GFLOP/s\n")
     base = {"threads": args.threads, "precision": "auto", "repeats": 10}
     cpu_volume = [40, 256, 256] if args.quick else [300, 512, 512]
     volumes = {"cpu": [cpu_volume], "cuda": [[200, 256, 256], [300, 512, 512]]}
@@ -142,10 +159,10 @@ def main() -> None:
     print("## Volumes, end to end\n")
     print(
         "| device | volume (z, y, x) int16 | batch | token threshold | kept tokens | "
-        "slices/s | s per volume | time vs unpruned | host peak above input (MiB) | "
-        "GPU peak (MiB) |"
+        "slices/s | s per volume | time vs unpruned | model GFLOP/s | "
+        "host peak above input (MiB) | GPU peak (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         for shape in volumes[device]:
             unpruned = None
@@ -158,6 +175,7 @@ def main() -> None:
                     f"| {device} | {' x '.join(map(str, shape))} | {config['batch']} | {tau} | "
                     f"{100 * m['kept']:.0f} % | {m['slices'] / m['seconds']:.1f} | "
                     f"{m['seconds']:.2f} | {m['seconds'] / unpruned:.2f} | "
+                    f"{(m['gflops'] or float('nan')) / m['seconds']:.0f} | "
                     f"{m['host_peak_above_mib']:.0f} | {m.get('gpu_peak_mib', float('nan')):.0f} |"
                 )
     print("\n## Model only (a batch already on the device)\n")
@@ -175,9 +193,12 @@ def main() -> None:
     print("\n## Reduced precision against float32 (labels that change)\n")
     print("| device | precision | volume | changed voxels |")
     print("|---|---|---|---|")
-    checks = [("cpu", "bfloat16", [24, 256, 256]), ("cpu", "float16", [6, 256, 256])]
-    if "cuda" in devices:
-        checks = [("cuda", "float16", [200, 256, 256]), *checks]
+    checks = [
+        ("cuda", "float16", [200, 256, 256]),
+        ("cpu", "bfloat16", [24, 256, 256]),
+        ("cpu", "float16", [6, 256, 256]),
+    ]
+    checks = [check for check in checks if check[0] in devices]
     for device, precision, shape in checks:
         config = {**base, "kind": "volume", "device": device, "shape": shape, "tau": 0.9}
         config.update(batch=batches[device], precision=precision, compare_float32=True)

@@ -560,7 +560,7 @@ def resident_bytes() -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_gives_its_peak_memory_back_when_it_ends():
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     size = 400 * 2**20
     with freed_memory_kept() as kept:
@@ -603,8 +603,17 @@ def test_train_compress_and_finetune_check_shared_numbers_in_the_same_words(tmp_
         "train": ["train", "--images", str(tmp_path), "-o", str(tmp_path / "w")],
         "compress": ["compress", "--images", str(tmp_path), "-o", str(tmp_path / "w")],
         "finetune": [
-            "finetune", "--weights", "w", "--image", "i.nii.gz", "--labels", "l.nii.gz",
-            "--slices", "2:1", "-o", str(tmp_path / "w"),
+            "finetune",
+            "--weights",
+            "w",
+            "--image",
+            "i.nii.gz",
+            "--labels",
+            "l.nii.gz",
+            "--slices",
+            "2:1",
+            "-o",
+            str(tmp_path / "w"),
         ],
     }
     cases = [

@@ -221,8 +221,9 @@ def test_4d_overlays_follow_the_volume_on_screen_and_keep_the_time_steps(
     # Volumes over time are fMRI-like (EPI): said once for this image and these weights.
     [kind] = [n for n in notices if "this looks like" in n]
     assert kind.startswith("APFormer: this looks like an echo-planar EPI scan (its NIfTI header")
-    assert kind.endswith("made for T1w MR scans: expect wrong labels (see the weights' limits) "
-                         "(series.nii.gz)")
+    assert kind.endswith(
+        "made for T1w MR scans: expect wrong labels (see the weights' limits) (series.nii.gz)"
+    )
 
 
 # ------------------------------------------------------------------------- item 7

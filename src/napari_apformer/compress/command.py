@@ -148,7 +148,7 @@ def assignments(texts: list[str], flag: str, kind: type) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """`apformer compress`; freed memory stays in the process during the run only."""
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     with freed_memory_kept():
         return _compress(args)

@@ -103,7 +103,7 @@ def run_adapt(
 ) -> AdaptOutcome | Refused | None:
     """Fine-tune and save (in a worker thread). None when stopped, Refused for bad input:
     nothing written then."""
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     try:
         with freed_memory_kept():

@@ -302,7 +302,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """`apformer train`; freed memory stays in the process during the run only."""
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     with freed_memory_kept():
         return _train(args)

@@ -220,7 +220,7 @@ def check_geometry(image, labels, label_data, image_path: Path, label_path: Path
 
 def run_finetune(args: argparse.Namespace) -> int:
     """`apformer finetune`; freed memory stays in the process during the run only."""
-    from napari_apformer.train.allocator import freed_memory_kept
+    from napari_apformer.allocator import freed_memory_kept
 
     with freed_memory_kept():
         return _finetune(args)
