@@ -42,15 +42,15 @@ part() {  # part NAME COMMAND...: run, print, keep; a part that fails does not s
 
 if [ "$device" = cuda ]; then
     threads=$(nproc)
-    part conformance python3 -m pytest -q -p no:cacheprovider \
+    part conformance python3 -m pytest -q -p no:cacheprovider --disable-warnings \
         tests/test_conformance.py tests/test_device_recovery.py
     part inference python3 benchmarks/bench_inference.py --devices cuda --skip-memory \
         --threads "$threads"
     part volume python3 benchmarks/bench_volume.py --devices cuda --threads "$threads"
     part live python3 benchmarks/bench_live.py --devices cuda --threads "$threads"
 else  # a check of the script: few repeats, the smallest volumes
-    part conformance python3 -m pytest -q -p no:cacheprovider tests/test_conformance.py \
-        -k "cuda or parameter_count"
+    part conformance python3 -m pytest -q -p no:cacheprovider --disable-warnings \
+        tests/test_conformance.py -k "cuda or parameter_count"
     part inference python3 benchmarks/bench_inference.py --devices cpu --skip-memory \
         --repeats 1
     part volume python3 benchmarks/bench_volume.py --devices cpu --quick
