@@ -49,16 +49,24 @@ def test_runs_after_a_fine_tuning_fault_no_memory_in_again(official_model):
     assert minor_faults() - before < 2_000
 
 
-def test_a_run_holds_the_setting_while_its_job_is_going(official_model):
+def test_a_job_holds_nothing_between_its_batches(official_model, monkeypatch):
+    """The setting is held while a batch runs, not while the job waits (a volume in the
+    widget waits for the GUI thread; a cancelled one may never be asked again)."""
+    from napari_apformer.engine import inference
     from napari_apformer.engine.inference import Segmenter
 
+    held, launch = [], inference.Segmenter._launch
+    monkeypatch.setattr(
+        inference.Segmenter,
+        "_launch",
+        lambda self, *args: held.append(allocator._runs) or launch(self, *args),
+    )
     segmenter = Segmenter(official_model, "cpu", batch_size=1)
-    image = segmenter.prepare(np.zeros((2, 64, 64), np.float32), axis=0)
-    job = segmenter.start(image)
+    job = segmenter.start(segmenter.prepare(np.zeros((2, 64, 64), np.float32), axis=0))
     next(job)
-    assert allocator._runs == 1
+    assert allocator._runs == 0 and held == [1]
     job.finish()
-    assert allocator._runs == 0
+    assert allocator._runs == 0 and held == [1, 1]
 
 
 def test_the_last_run_to_end_gives_back_what_any_run_asked_to(tmp_path):

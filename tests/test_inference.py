@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_apformer import allocator
 from napari_apformer.engine.inference import Segmenter
 from napari_apformer.model.apformer.flops import decoder_flops, encoder_flops, first_layer_flops
 
@@ -81,6 +82,7 @@ def test_progress_and_cancellation(segmenter, volume):
     first = next(job)
     assert (first.done, first.total) == (2, 6) and not job.done
     del job  # cancelling is just not asking for more
+    assert allocator._runs == 0  # the run's hold on freed memory ended with it
     job = segmenter.start(prepared)
     assert [p.done for p in job] == [2, 4, 6] and job.done
     assert job.result.stats.slices == 6

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.gui
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from napari_apformer import allocator  # noqa: E402
 from napari_apformer.model import APFormer, ModelCard, load_model, save_weights  # noqa: E402
 from napari_apformer.model import base as model_base  # noqa: E402
 from napari_apformer.model.apformer.attention import LayerSizes  # noqa: E402
@@ -177,6 +178,7 @@ def test_volume_run_cancel_keeps_the_viewer_consistent(viewer, qtbot, official_w
     assert 0 < len(done_slices) < total
     assert [layer.name for layer in viewer.layers] == names  # no orphan layers
     assert widget.run_volume.enabled and not widget.cancel.enabled
+    assert allocator._runs == 0  # the cancelled run no longer holds freed memory
 
 
 def test_volume_run_finishes_and_saves_in_the_source_geometry(

@@ -10,11 +10,11 @@ them, every pass faults the same memory in again page by page: 34,000 minor faul
 and 0.83 x the speed in a 512 x 512 x 300 volume, 37,000 per change of the gate in the widget,
 half of the CPU time in a training step (docs/performance.md, docs/training.md).
 
-So a run keeps what it frees: no mmap, no trimming, while any run is going. Afterwards, large
-blocks go to mmap again and up to KEEP_BETWEEN_RUNS of free heap stays in the process, so the
-next slider change finds its memory in place; a run asked to give back (training, a run of
-several batches such as a volume) hands everything it freed to the kernel when it ends, so a
-viewer does not keep a volume's peak.
+So while a model runs (a training run; a batch of the engine) the process keeps what it frees:
+no mmap, no trimming. Afterwards, large blocks go to mmap again and free heap at the top of up
+to KEEP_BETWEEN_RUNS stays in the process, so the next slider change finds its memory in place.
+Training and a run of several batches (a volume) hand everything they freed back to the kernel
+when they end, so a viewer does not keep a volume's peak.
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 _lock = threading.Lock()
 _runs = 0  # runs going now, in any thread
-_give_back = False  # a run that ended while others went on asked to give back
+_give_back = False  # asked for while runs were going: done when the last one ends
 
 
 @contextlib.contextmanager
 def freed_memory_kept(give_back: bool = True) -> Iterator[bool]:
-    """Keep freed memory while the block runs (runs in several threads share the setting);
-    yields whether that took effect. give_back: when the last run ends, hand what was freed
-    back to the kernel; otherwise keep up to KEEP_BETWEEN_RUNS of it for the next run."""
-    global _runs, _give_back
+    """Keep freed memory while the block runs (blocks in several threads share the setting);
+    yields whether that took effect. give_back: hand what was freed back to the kernel when
+    the last block ends (give_back_freed_memory); otherwise up to KEEP_BETWEEN_RUNS of free
+    heap stays for the next run."""
+    global _runs
     if _LIBC is None:
         yield False
         return
@@ -73,10 +74,23 @@ def freed_memory_kept(give_back: bool = True) -> Iterator[bool]:
     finally:
         with _lock:
             _runs -= 1
-            _give_back = _give_back or give_back
+            pending = _runs == 0 and _give_back  # asked for while this block went on
             if _runs == 0:
                 _LIBC.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
                 _LIBC.mallopt(M_TRIM_THRESHOLD, KEEP_BETWEEN_RUNS)
-                if _give_back:
-                    _LIBC.malloc_trim(0)
-                _give_back = False
+        if give_back or pending:
+            give_back_freed_memory()
+
+
+def give_back_freed_memory() -> None:
+    """Hand the memory freed so far back to the kernel: now, or when the blocks that keep
+    freed memory now have all ended."""
+    global _give_back
+    if _LIBC is None:
+        return
+    with _lock:
+        if _runs:
+            _give_back = True
+            return
+        _give_back = False
+    _LIBC.malloc_trim(0)

@@ -27,7 +27,7 @@ from hashlib import blake2b
 import numpy as np
 import torch
 
-from napari_apformer.allocator import freed_memory_kept
+from napari_apformer.allocator import freed_memory_kept, give_back_freed_memory
 from napari_apformer.engine.cache import ByteLRU
 from napari_apformer.engine.device import is_device_failure, is_out_of_memory, resolve_device
 from napari_apformer.engine.precision import autocast_dtype
@@ -263,12 +263,15 @@ class Segmenter:
         started = time.perf_counter()
         position = {index: k for k, index in enumerate(result.slices)}
         queue = deque(_chunks(result.slices, self.batch_size))
-        # A slider's one-slice run keeps its memory for the next change; a volume gives it back.
-        with freed_memory_kept(give_back=len(queue) > 1):
-            in_flight: deque[_Launched] = deque()
-            done = 0
-            while queue or in_flight:
-                try:
+        several = len(queue) > 1
+        in_flight: deque[_Launched] = deque()
+        done = 0
+        while queue or in_flight:
+            ready: list[Progress] = []
+            try:
+                # Freed memory stays in the process while a batch runs (allocator.py), and is
+                # not held while the job waits between batches, or after it is dropped.
+                with freed_memory_kept(give_back=False):
                     if queue:
                         with torch.inference_mode():
                             in_flight.append(self._launch(image, queue[0], result, watched, cache))
@@ -279,15 +282,18 @@ class Segmenter:
                         in_flight.popleft()
                         done += len(finished.batch)
                         result.stats.seconds = time.perf_counter() - started
-                        yield Progress(done, len(result.slices))
-                except Exception as error:
-                    if not (is_out_of_memory(error) or is_device_failure(error)):
-                        raise
-                    lost = [slice_ for launched in in_flight for slice_ in launched.batch]
-                    pending = lost + [slice_ for batch in queue for slice_ in batch]
-                    in_flight.clear()
-                    self._recover(error, result, done)
-                    queue = deque(_chunks(pending, self.batch_size))
+                        ready.append(Progress(done, len(result.slices)))
+            except Exception as error:
+                if not (is_out_of_memory(error) or is_device_failure(error)):
+                    raise
+                lost = [slice_ for launched in in_flight for slice_ in launched.batch]
+                pending = lost + [slice_ for batch in queue for slice_ in batch]
+                in_flight.clear()
+                self._recover(error, result, done)
+                queue = deque(_chunks(pending, self.batch_size))
+            yield from ready
+        if several:  # a volume gives its memory back; a slider's run keeps it for the next
+            give_back_freed_memory()
 
     def _recover(self, error: Exception, result: SegmentationResult, done: int) -> None:
         """Halve the batch after running out of memory; at batch 1, or when the device
