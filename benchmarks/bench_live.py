@@ -35,16 +35,29 @@ ROWS = [
 ]
 
 
-def shown_slice():
-    """The 256 x 256 image layer bench_widget.py shows, as the widget hands it to a run."""
+def sample_slice() -> np.ndarray:
+    """The MNI152 sample slice zero-padded to 256 x 256 (y, x): what bench_widget.py shows."""
     from napari_apformer.io.formats import read_image_file
-    from napari_apformer.plugin.image_source import ImageSource
 
     plane = read_image_file(SAMPLE).data[:, :, 0].T  # (y, x)
     pad = [(max(0, (256 - s) // 2), max(0, 256 - s - (256 - s) // 2)) for s in plane.shape]
-    image = np.pad(plane, pad)[:256, :256]
+    return np.pad(plane, pad)[:256, :256]
+
+
+def shown_slice():
+    """That slice as the widget hands an image layer to a run."""
+    from napari_apformer.plugin.image_source import ImageSource
+
     return ImageSource(
-        "slice 256 x 256", image, False, (), (1.0, 1.0), (0.0, 0.0), None, ("y", "x"), ("", "")
+        "slice 256 x 256",
+        sample_slice(),
+        False,
+        (),
+        (1.0, 1.0),
+        (0.0, 0.0),
+        None,
+        ("y", "x"),
+        ("", ""),
     )
 
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_live import sample_slice
 from napari_apformer.hardware import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,16 +42,12 @@ def slider_latency(repeats: int, changes: int) -> tuple[list, dict]:
     import torch
     from qtpy.QtWidgets import QApplication
 
-    from napari_apformer.io.formats import read_image_file
     from napari_apformer.model import ModelCard, load_model, save_weights
     from napari_apformer.plugin import widget as widget_module
     from napari_apformer.weights import DEFAULT_WEIGHTS, shipped_weights
 
     torch.set_num_threads(2)
-    sample = ROOT / "src/napari_apformer/samples/mni152_t1_axial_slice.nii.gz"
-    plane = read_image_file(sample).data[:, :, 0].T  # (y, x)
-    pad = [(max(0, (256 - s) // 2), max(0, 256 - s - (256 - s) // 2)) for s in plane.shape]
-    image = np.pad(plane, pad)[:256, :256]
+    image = sample_slice()
     assert image.shape == (256, 256)
 
     official = Path(tempfile.mkdtemp()) / "official-gray9.safetensors"

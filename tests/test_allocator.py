@@ -69,7 +69,7 @@ def test_a_job_holds_nothing_between_its_batches(official_model, monkeypatch):
     assert allocator._runs == 0 and held == [1, 1]
 
 
-def test_the_last_run_to_end_gives_back_what_any_run_asked_to(tmp_path):
+def test_the_last_run_to_end_gives_back_what_any_run_asked_to():
     size = 300 * 2**20
     base = resident_bytes()
     with freed_memory_kept(give_back=False) as kept:  # a slider change
@@ -98,3 +98,18 @@ def test_a_slider_run_keeps_its_memory_for_the_next():
         del block
     assert minor_faults() - before < size // os.sysconf("SC_PAGE_SIZE") // 4
     assert resident_bytes() <= held + size // 4
+
+
+@pytest.mark.slow
+def test_training_gives_its_peak_memory_back_when_it_ends():
+    size = 400 * 2**20
+    with freed_memory_kept() as kept:
+        if not kept:
+            pytest.skip("not glibc")
+        before = resident_bytes()
+        block = np.ones(size, np.uint8)
+        del block
+        held = resident_bytes() - before  # freed, but kept by the process
+    after = resident_bytes() - before
+    assert held > size // 2  # kept while training
+    assert after < size // 4  # handed back afterwards

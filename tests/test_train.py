@@ -552,29 +552,6 @@ def test_a_kill_while_saving_weights_never_loses_the_old_pair(
     assert torch.equal(kept, old.first.weight.detach())
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_training_gives_its_peak_memory_back_when_it_ends():
-    from napari_apformer.allocator import freed_memory_kept
-
-    size = 400 * 2**20
-    with freed_memory_kept() as kept:
-        if not kept:
-            pytest.skip("not glibc")
-        before = resident_bytes()
-        block = np.ones(size, np.uint8)
-        del block
-        held = resident_bytes() - before  # freed, but kept by the process
-    after = resident_bytes() - before
-    assert held > size // 2  # kept while training
-    assert after < size // 4  # handed back afterwards
-
-
 @pytest.mark.slow
 def test_a_sweep_of_a_family_without_settings_gives_one_row(tmp_path, capsys):
     from napari_apformer.model import ModelCard, save_weights
